@@ -1,0 +1,76 @@
+"""``ckpt`` entry point: dispatches to one module per subcommand.
+
+Each subcommand module defines ``HELP`` (one line), ``add_arguments(parser)``
+and ``run(args, extra) -> int``; heavy imports happen inside ``run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from ckpt_core.errors import CkptError
+
+SUBCOMMANDS = {
+    "plugins": "ckpt_core.cli.plugins_cmd",
+    "inspect": "ckpt_core.cli.inspect_cmd",
+    "verify": "ckpt_core.cli.verify_cmd",
+    "convert": "ckpt_core.cli.convert_cmd",
+    "train": "ckpt_core.cli.train_cmd",
+}
+
+# Subcommands whose unknown options are passed through (config overrides).
+PASSTHROUGH = {"train"}
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
+    """The top-level parser and the imported subcommand modules."""
+    parser = argparse.ArgumentParser(
+        prog="ckpt", description="Checkpoints for PyTorch distributed training."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    modules: dict[str, object] = {}
+    for name, module_name in SUBCOMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                continue  # not built yet
+            raise
+        modules[name] = module
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+    return parser, modules
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``ckpt`` command line; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, modules = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if extra and args.command not in PASSTHROUGH:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return int(modules[args.command].run(args, extra) or 0)
+    except CkptError as exc:
+        print(f"ckpt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ckpt {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

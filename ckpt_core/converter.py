@@ -1,0 +1,37 @@
+"""An optional base class for converters.
+
+Any class works as a converter when it has a ``name`` class attribute, a
+nested pydantic ``Config`` and ``__init__(self, config)``; subclassing
+:class:`Converter` adds the strict option model and ordering attributes.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+
+class ConverterConfig(BaseModel):
+    """Base for converter option models: unknown options are an error."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class Converter:
+    """Base class for converters; implement hooks as ``@hookimpl`` methods."""
+
+    #: The converter's name: entry-point name, config key and ``enabled`` entry.
+    name: ClassVar[str]
+    #: Converters that, when also enabled, must come *before* this one in
+    #: ``converters.enabled`` (LoRA wraps quantized linears: ``("qat", "float8")``).
+    runs_after: ClassVar[tuple[str, ...]] = ()
+
+    class Config(ConverterConfig):
+        """This converter's options (none)."""
+
+    def __init__(self, config: Config | None = None) -> None:
+        self.config = config if config is not None else type(self).Config()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"

@@ -1,0 +1,114 @@
+"""Entry-point discovery of converters.
+
+Listing reads installed distributions' metadata only; a converter's module is
+imported by :func:`load_converter_class`, i.e. only when a run enables it.
+``CKPT_DISABLE_PLUGIN_AUTOLOAD=1`` turns discovery off; classes can then be
+added with :func:`register_converter_class` or passed to ``Converters`` by hand.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+from ckpt_core.errors import PluginError
+from ckpt_core.hookspecs import ENTRY_POINT_GROUP
+
+DISABLE_ENV = "CKPT_DISABLE_PLUGIN_AUTOLOAD"
+
+_manual: dict[str, type] = {}
+
+
+@dataclass(frozen=True)
+class ConverterEntry:
+    """One discovered converter, not yet imported."""
+
+    name: str
+    value: str  # "module:Class"
+    distribution: str
+    version: str
+    entry_point: metadata.EntryPoint | None = None
+
+    def load(self) -> type:
+        """Import the converter class, wrapping failures in a :class:`PluginError`."""
+        if self.entry_point is None:
+            return _manual[self.name]
+        try:
+            cls = self.entry_point.load()
+        except Exception as exc:  # noqa: BLE001 - any import failure is the plugin's
+            raise PluginError(
+                f"Converter {self.name!r} from distribution {self.distribution!r} "
+                f"({self.value}) failed to import: {type(exc).__name__}: {exc}. "
+                f"Fix or reinstall {self.distribution!r}, or remove {self.name!r} "
+                "from converters.enabled."
+            ) from exc
+        validate_converter_class(cls, self.name, self.distribution)
+        return cls
+
+
+def autoload_disabled() -> bool:
+    """Whether ``CKPT_DISABLE_PLUGIN_AUTOLOAD`` turns entry-point discovery off."""
+    return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def register_converter_class(cls: type, name: str | None = None) -> None:
+    """Make a converter class findable by name without an entry point."""
+    name = name or getattr(cls, "name", None)
+    validate_converter_class(cls, name, "<registered by hand>")
+    _manual[name] = cls
+
+
+def unregister_converter_class(name: str) -> None:
+    """Forget a class added with :func:`register_converter_class`."""
+    _manual.pop(name, None)
+
+
+def discover_converters() -> dict[str, ConverterEntry]:
+    """All converters by name: entry points (unless disabled) plus manual ones.
+
+    Raises :class:`PluginError` when two distributions claim the same name.
+    """
+    found: dict[str, ConverterEntry] = {}
+    if not autoload_disabled():
+        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            dist = ep.dist.name if ep.dist is not None else "<unknown>"
+            version = ep.dist.version if ep.dist is not None else "?"
+            entry = ConverterEntry(ep.name, ep.value, dist, version, ep)
+            prior = found.get(ep.name)
+            if prior is not None and (prior.distribution, prior.value) != (dist, ep.value):
+                raise PluginError(
+                    f"Converter name {ep.name!r} is claimed by two distributions: "
+                    f"{prior.distribution!r} ({prior.value}) and {dist!r} ({ep.value}). "
+                    "Uninstall one of them."
+                )
+            found[ep.name] = entry
+    for name, cls in _manual.items():
+        found.setdefault(
+            name, ConverterEntry(name, f"{cls.__module__}:{cls.__qualname__}", "<manual>", "-")
+        )
+    return found
+
+
+def validate_converter_class(cls: Any, name: str | None, distribution: str) -> None:
+    """Check the class shape DESIGN.md requires: ``name``, ``Config``, ``__init__(config)``."""
+    where = f"Converter {name!r} from {distribution!r}"
+    if not isinstance(cls, type):
+        raise PluginError(f"{where}: entry point must name a class, got {cls!r}.")
+    cls_name = getattr(cls, "name", None)
+    if not isinstance(cls_name, str) or not cls_name:
+        raise PluginError(f"{where}: class {cls.__qualname__} has no string 'name' attribute.")
+    if name is not None and cls_name != name:
+        raise PluginError(
+            f"{where}: class {cls.__qualname__}.name is {cls_name!r}, but its entry point "
+            f"is named {name!r}; they must be equal."
+        )
+    config = getattr(cls, "Config", None)
+    from pydantic import BaseModel
+
+    if not (isinstance(config, type) and issubclass(config, BaseModel)):
+        raise PluginError(
+            f"{where}: class {cls.__qualname__} needs a nested pydantic 'Config' model "
+            "(subclass ckpt_core.converter.ConverterConfig)."
+        )

@@ -1,0 +1,286 @@
+"""``Converters``: the enabled converters of one run, composed as one object.
+
+Each hook of :mod:`ckpt_core.hookspecs` is a method here that applies the
+composition rule its spec states. Instances are registered with one pluggy
+``PluginManager``; pluggy validates every ``@hookimpl`` against its spec.
+Set ``CKPT_TRACE_PLUGINS=1`` to log every hook call with arguments and result.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import pluggy
+from pydantic import ValidationError
+
+from ckpt_core import hookspecs
+from ckpt_core.adapter import StateDictAdapter
+from ckpt_core.discovery import discover_converters
+from ckpt_core.errors import ConfigError, PluginError
+
+logger = logging.getLogger(__name__)
+
+TRACE_ENV = "CKPT_TRACE_PLUGINS"
+
+
+def format_validation_error(converter: str, exc: ValidationError) -> str:
+    """``Converter 'lora' option 'rank': ...`` lines from a pydantic error."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "<options>"
+        msg = err.get("msg", "invalid")
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown option"
+        lines.append(f"Converter {converter!r} option {loc!r}: {msg} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+class Converters:
+    """The enabled converters, in config order, behind one hook-per-method face."""
+
+    def __init__(self, converters: Iterable[Any] = ()) -> None:
+        self._items: list[Any] = list(converters)
+        names = [self._name_of(c) for c in self._items]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"converters.enabled lists {dupes} more than once.")
+        check_ordering(names, {self._name_of(c): type(c) for c in self._items})
+        self._pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        self._pm.add_hookspecs(hookspecs)
+        for conv, name in zip(self._items, names):
+            try:
+                self._pm.register(conv, name=name)
+            except pluggy.PluginValidationError as exc:
+                raise PluginError(f"Converter {name!r}: {exc}") from exc
+        try:
+            self._pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(
+                f"{exc} (a @hookimpl whose name matches no hook of ckpt_core.hookspecs; "
+                f"known hooks: {', '.join(hookspecs.HOOK_NAMES)})"
+            ) from exc
+        self._callers: dict[tuple[str, int], Any] = {}
+        if os.environ.get(TRACE_ENV, "").strip() not in ("", "0"):
+            self._enable_tracing()
+
+    # -- construction ---------------------------------------------------------
+
+    @classmethod
+    def from_config(
+        cls, enabled: Sequence[str], options: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> Converters:
+        """Discover, import, validate and instantiate the converters ``enabled`` names."""
+        options = dict(options or {})
+        if not enabled:
+            return cls([])
+        available = discover_converters()
+        unknown = [n for n in enabled if n not in available]
+        if unknown:
+            installed = ", ".join(sorted(available)) or "none"
+            raise ConfigError(
+                f"converters.enabled: unknown converter {unknown[0]!r}. Installed converters: "
+                f"{installed}. Install the distribution that provides it (the bundled ones "
+                f"are ckpt-plugins-lora, ckpt-plugins-qat and ckpt-plugins-float8), e.g. "
+                f"'pip install ckpt-plugins-{unknown[0]}'."
+            )
+        for name in options:
+            if name not in enabled:
+                logger.warning(
+                    "[converters.%s] has options but %r is not in converters.enabled; ignored",
+                    name,
+                    name,
+                )
+        classes = {n: available[n].load() for n in enabled}
+        check_ordering(list(enabled), classes)
+        instances = []
+        for name in enabled:
+            conv_cls = classes[name]
+            try:
+                config = conv_cls.Config(**dict(options.get(name) or {}))
+            except ValidationError as exc:
+                raise ConfigError(format_validation_error(name, exc)) from None
+            try:
+                instances.append(conv_cls(config))
+            except (ConfigError, PluginError):
+                raise
+            except Exception as exc:  # noqa: BLE001
+                raise PluginError(
+                    f"Converter {name!r} failed to initialize: {type(exc).__name__}: {exc}"
+                ) from exc
+        return cls(instances)
+
+    # -- introspection --------------------------------------------------------
+
+    @staticmethod
+    def _name_of(conv: Any) -> str:
+        name = getattr(conv, "name", None)
+        if not isinstance(name, str) or not name:
+            raise PluginError(f"Converter {conv!r} has no string 'name' attribute.")
+        return name
+
+    @property
+    def names(self) -> list[str]:
+        """Names in config order."""
+        return [self._name_of(c) for c in self._items]
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    def __getitem__(self, name: str) -> Any:
+        for conv in self._items:
+            if self._name_of(conv) == name:
+                return conv
+        raise KeyError(f"converter {name!r} is not enabled; enabled: {self.names}")
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Names and options, for manifests: ``[{"name": ..., "options": {...}}]``."""
+        out = []
+        for conv in self._items:
+            cfg = getattr(conv, "config", None)
+            opts = cfg.model_dump(mode="json") if hasattr(cfg, "model_dump") else {}
+            out.append({"name": self._name_of(conv), "options": opts})
+        return out
+
+    @property
+    def plugin_manager(self) -> pluggy.PluginManager:
+        """The underlying pluggy manager (for tracing or advanced use)."""
+        return self._pm
+
+    # -- per-converter calls --------------------------------------------------
+
+    def _call(self, index: int, hook: str, **kwargs: Any) -> Any:
+        """Call ``hook`` on the converter at ``index`` only; ``None`` if it lacks it."""
+        key = (hook, index)
+        caller = self._callers.get(key)
+        if caller is None:
+            others = [c for i, c in enumerate(self._items) if i != index]
+            caller = self._pm.subset_hook_caller(hook, remove_plugins=others)
+            self._callers[key] = caller
+        if not caller.get_hookimpls():
+            return None
+        try:
+            results = caller(**kwargs)
+        except (ConfigError, PluginError):
+            raise
+        except Exception as exc:
+            name = self._name_of(self._items[index])
+            raise PluginError(
+                f"Converter {name!r} hook {hook!r} raised {type(exc).__name__}: {exc}"
+            ) from exc
+        return results[0] if results else None
+
+    def _implements(self, index: int, hook: str) -> bool:
+        conv = self._items[index]
+        impls = getattr(self._pm.hook, hook).get_hookimpls()
+        return any(impl.plugin is conv for impl in impls)
+
+    # -- composed hooks -------------------------------------------------------
+
+    def convert(self, model: Any) -> None:
+        """Apply every converter's ``convert`` to one model part, in config order."""
+        parts = model if isinstance(model, (list, tuple)) else [model]
+        for part in parts:
+            for i in range(len(self._items)):
+                self._call(i, "convert", model=part)
+
+    def owner(self, fqn: str) -> str | None:
+        """Name of the converter that owns ``fqn``; ``None`` when none does."""
+        owner = None
+        for i, conv in enumerate(self._items):
+            if self._call(i, "key_filter", fqn=fqn):
+                name = self._name_of(conv)
+                if owner is not None:
+                    raise PluginError(
+                        f"Key {fqn!r} is claimed by two converters: {owner!r} and {name!r}. "
+                        "Each key may belong to at most one converter."
+                    )
+                owner = name
+        return owner
+
+    def key_filter(self, fqn: str) -> bool:
+        """True when any converter owns ``fqn`` (two owners is an error)."""
+        return self.owner(fqn) is not None
+
+    def state_dict_transform(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Chain the transforms in reverse config order; ``None`` keeps the input."""
+        for i in reversed(range(len(self._items))):
+            out = self._call(i, "state_dict_transform", state_dict=state_dict)
+            if out is not None:
+                if not isinstance(out, Mapping):
+                    raise PluginError(
+                        f"Converter {self._name_of(self._items[i])!r} hook "
+                        f"'state_dict_transform' returned {type(out).__name__}, expected a dict."
+                    )
+                state_dict = dict(out)
+        return state_dict
+
+    def state_dict_adapters(
+        self, model_adapter: StateDictAdapter | None = None
+    ) -> dict[str, StateDictAdapter]:
+        """Each converter's adapter by name (converters returning ``None`` omitted)."""
+        out: dict[str, StateDictAdapter] = {}
+        for i, conv in enumerate(self._items):
+            adapter = self._call(i, "state_dict_adapter", model_adapter=model_adapter)
+            if adapter is None:
+                continue
+            if not isinstance(adapter, StateDictAdapter):
+                raise PluginError(
+                    f"Converter {self._name_of(conv)!r} hook 'state_dict_adapter' returned "
+                    f"{type(adapter).__name__}, expected a ckpt_core.StateDictAdapter or None."
+                )
+            out[self._name_of(conv)] = adapter
+        return out
+
+    def post_optimizer_step(self, model_parts: Any) -> None:
+        """Call every converter's ``post_optimizer_step`` in config order."""
+        parts = list(model_parts) if isinstance(model_parts, (list, tuple)) else [model_parts]
+        for i in range(len(self._items)):
+            self._call(i, "post_optimizer_step", model_parts=parts)
+
+    # -- tracing --------------------------------------------------------------
+
+    def _enable_tracing(self) -> None:
+        trace = logging.getLogger("ckpt_core.trace")
+
+        def before(hook_name: str, impls: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+            who = ", ".join(impl.plugin_name for impl in impls)
+            trace.info("hook %s -> [%s] args=%s", hook_name, who, _short(kwargs))
+
+        def after(outcome: Any, hook_name: str, impls: Sequence[Any], kwargs: Any) -> None:
+            exc = outcome.exception
+            if exc is not None:
+                trace.info("hook %s raised %r", hook_name, exc)
+            else:
+                trace.info("hook %s returned %s", hook_name, _short(outcome.get_result()))
+
+        self._pm.add_hookcall_monitoring(before, after)
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    if isinstance(value, Mapping) and len(value) > 8:
+        text = f"<dict with {len(value)} keys: {list(value)[:4]}...>"
+    else:
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_ordering(names: Sequence[str], classes: Mapping[str, type]) -> None:
+    """Raise when an enabled converter must run after one listed later."""
+    position = {n: i for i, n in enumerate(names)}
+    for name in names:
+        for earlier in getattr(classes[name], "runs_after", ()) or ():
+            if earlier in position and position[earlier] > position[name]:
+                raise ConfigError(
+                    f"converters.enabled: {earlier!r} must come before {name!r} "
+                    f"({name!r} wraps what {earlier!r} builds); got {list(names)}. "
+                    f"Reorder to put {earlier!r} first."
+                )

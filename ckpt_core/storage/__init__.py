@@ -1,0 +1,1 @@
+"""I/O stage: where bytes go. Folder layout, commit protocol and writers/readers."""

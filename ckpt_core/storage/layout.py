@@ -1,0 +1,158 @@
+"""Folder layout and the commit protocol shared by checkpoints and exports.
+
+``<folder>/step-<N>/`` is complete or absent. Writers fill
+``<folder>/.tmp-step-<N>/`` (the same name on every rank) and one rank renames
+it with :func:`commit` after every rank finished. Discovery lists only
+committed ``step-<N>`` folders, so leftovers of a crash are never loaded.
+
+Paths are strings, not ``pathlib.Path``: an fsspec URI such as
+``memory://run/ckpt`` or ``s3://bucket/run`` would lose its ``//`` in a Path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+STEP_PREFIX = "step-"
+TMP_PREFIX = ".tmp-step-"
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+def is_uri(path: str) -> bool:
+    """Whether ``path`` names a non-local fsspec filesystem (``proto://...``)."""
+    return "://" in path and not path.startswith("file://")
+
+
+def join(folder: str, *names: str) -> str:
+    """Join path parts with ``/`` for URIs and ``os.path.join`` for local paths."""
+    if is_uri(folder):
+        return "/".join([folder.rstrip("/"), *names])
+    return os.path.join(_local(folder), *names)
+
+
+def _local(path: str) -> str:
+    return path[len("file://") :] if path.startswith("file://") else path
+
+
+def filesystem(path: str) -> tuple[Any, str]:
+    """``(fsspec filesystem, path within it)`` for a URI; ``(None, path)`` when local."""
+    if not is_uri(path):
+        return None, _local(path)
+    import fsspec
+
+    fs, inner = fsspec.core.url_to_fs(path)
+    return fs, inner
+
+
+def step_dir(folder: str, step: int) -> str:
+    """``<folder>/step-<step>``."""
+    return join(folder, f"{STEP_PREFIX}{step}")
+
+
+def tmp_step_dir(folder: str, step: int) -> str:
+    """``<folder>/.tmp-step-<step>``: where every rank writes before the commit."""
+    return join(folder, f"{TMP_PREFIX}{step}")
+
+
+def listdir(folder: str) -> list[str]:
+    """Entry names in ``folder`` (empty when it does not exist)."""
+    fs, inner = filesystem(folder)
+    if fs is None:
+        try:
+            return sorted(os.listdir(inner))
+        except FileNotFoundError:
+            return []
+    if not fs.exists(inner):
+        return []
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(inner, detail=False))
+
+
+def committed_steps(folder: str) -> list[int]:
+    """Steps with a committed ``step-<N>`` directory, ascending."""
+    steps = []
+    for name in listdir(folder):
+        m = _STEP_RE.match(name)
+        if m:
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def exists(path: str) -> bool:
+    """Whether a file or folder exists at ``path``."""
+    fs, inner = filesystem(path)
+    return os.path.exists(inner) if fs is None else fs.exists(inner)
+
+
+def makedirs(path: str) -> None:
+    """Create ``path`` and its parents if needed."""
+    fs, inner = filesystem(path)
+    if fs is None:
+        os.makedirs(inner, exist_ok=True)
+    else:
+        fs.makedirs(inner, exist_ok=True)
+
+
+def remove_tree(path: str) -> None:
+    """Delete a folder and everything in it (missing is fine)."""
+    fs, inner = filesystem(path)
+    if fs is None:
+        import shutil
+
+        if os.path.exists(inner):
+            shutil.rmtree(inner)
+    elif fs.exists(inner):
+        fs.rm(inner, recursive=True)
+
+
+def fsync_tree(path: str) -> None:
+    """fsync every file under a local folder, then the folders themselves."""
+    fs, inner = filesystem(path)
+    if fs is not None:
+        return  # object stores have no fsync; their writes are durable on close
+    for root, _dirs, files in os.walk(inner, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(root)
+
+
+def fsync_dir(path: str) -> None:
+    """fsync a local directory entry (makes renames and creations durable)."""
+    try:
+        fd = os.open(_local(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def commit(tmp: str, final: str, *, fsync: bool = True) -> None:
+    """Make ``tmp`` visible as ``final`` by rename; refuses to replace ``final``.
+
+    Local folders are fsync'd (files, the folder, then the parent after the
+    rename) so a crash never leaves a committed but empty step.
+    """
+    if exists(final):
+        raise FileExistsError(
+            f"{final} already exists; refusing to overwrite a committed folder. Remove it "
+            "first or save under another step."
+        )
+    fs, inner_tmp = filesystem(tmp)
+    _, inner_final = filesystem(final)
+    if fs is None:
+        if fsync:
+            fsync_tree(inner_tmp)
+        os.rename(inner_tmp, inner_final)
+        if fsync:
+            fsync_dir(os.path.dirname(inner_final) or ".")
+    else:
+        fs.mv(inner_tmp, inner_final, recursive=True)

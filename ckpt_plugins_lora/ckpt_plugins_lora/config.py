@@ -1,0 +1,30 @@
+"""Options of the LoRA converter."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ckpt_core.converter import ConverterConfig
+
+DEFAULT_TARGETS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
+
+
+class LoRAConfig(ConverterConfig):
+    """``[converters.lora]``."""
+
+    rank: int = Field(8, gt=0, description="Rank r of the A (r×in) and B (out×r) matrices.")
+    alpha: float = Field(16.0, gt=0, description="Scaling numerator: updates are (alpha/r)·B·A.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TARGETS),
+        min_length=1,
+        description="Native leaf names of the linears to adapt (wq, wk, wv, wo, w1, w2, w3).",
+    )
+    export: Literal["merged", "adapter", "both"] = Field(
+        "both", description="Export merged weights, a PEFT adapter, or both."
+    )
+    trainable_only_checkpoints: bool = Field(
+        False, description="Interval checkpoints hold only adapter weights and their optimizer."
+    )
