@@ -1,0 +1,35 @@
+"""``ckpt plugins`` lists converters, options, and import failures."""
+
+from __future__ import annotations
+
+import json
+
+from ckpt_core.cli.main import main
+
+
+def test_ckpt_plugins_lists_bundled_converters_with_options(capsys):
+    assert main(["plugins", "--json"]) == 0
+    records = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert {"lora", "qat", "float8"} <= set(records)
+    assert records["lora"]["distribution"] == "ckpt-plugins-lora"
+    rank = next(o for o in records["lora"]["options"] if o["name"] == "rank")
+    assert rank["default"] == 8 and rank["description"]
+    assert {o["name"] for o in records["qat"]["options"]} >= {"scheme", "group_size", "targets"}
+    assert {o["name"] for o in records["float8"]["options"]} >= {"recipe", "emulate", "export"}
+
+
+def test_ckpt_plugins_reports_a_broken_plugin_without_hiding_others(fake_dist, capsys):
+    fake_dist("broken-dist", {"broken": "brokenmod:X"}, {"brokenmod": "raise ImportError('gone')"})
+    assert main(["plugins"]) == 1
+    out = capsys.readouterr().out
+    assert "broken  (broken-dist 0.1)" in out and "ImportError: gone" in out
+    assert "lora  (ckpt-plugins-lora" in out
+
+
+def test_unknown_subcommand_option_is_refused(capsys):
+    try:
+        main(["plugins", "--nope"])
+    except SystemExit as exc:
+        assert exc.code == 2
+    else:
+        raise AssertionError("expected argparse to exit")

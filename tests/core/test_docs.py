@@ -1,0 +1,34 @@
+"""Docs stay in step with the code."""
+
+from __future__ import annotations
+
+import re
+
+from ckpt_core import hookspecs
+from tests.conftest import REPO_ROOT
+
+DOCS = REPO_ROOT / "docs"
+
+
+def test_every_hook_has_a_section_in_plugin_hooks_doc():
+    text = (DOCS / "plugin-hooks.md").read_text()
+    sections = set(re.findall(r"^## `(\w+)", text, flags=re.M))
+    missing = set(hookspecs.HOOK_NAMES) - sections
+    assert not missing, f"hooks missing from docs/plugin-hooks.md: {sorted(missing)}"
+
+
+def test_every_hookspec_docstring_covers_when_returns_and_composition():
+    for name in hookspecs.HOOK_NAMES:
+        doc = getattr(hookspecs, name).__doc__ or ""
+        for word in ("When:", "Returns:", "Composition:", "Args:"):
+            assert word in doc, f"hookspec {name} docstring lacks {word!r}"
+
+
+def test_readme_starts_with_the_two_commands_ci_runs():
+    readme = (REPO_ROOT / "README.md").read_text()
+    ci = (REPO_ROOT / ".ci" / "run").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+    assert len(blocks) >= 2
+    assert "ckpt" in blocks[0]
+    test_cmd = blocks[1].strip().splitlines()[-1]
+    assert test_cmd in ci, "'.ci/run' must run README's test command"

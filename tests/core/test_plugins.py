@@ -1,0 +1,203 @@
+"""Discovery, validation and composition of converters (ckpt_core.plugins)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from ckpt_core import ConfigError, Converter, Converters, PluginError, hookimpl
+from ckpt_core.discovery import discover_converters
+
+GOOD = """
+from typing import ClassVar
+from pydantic import Field
+from ckpt_core import Converter, ConverterConfig, hookimpl
+
+class Tag(Converter):
+    name: ClassVar[str] = "tag"
+    class Config(ConverterConfig):
+        suffix: str = Field("x", description="suffix")
+    @hookimpl
+    def key_filter(self, fqn):
+        return fqn.endswith(".tag")
+"""
+
+
+class Recorder(Converter):
+    """Test converter that records hook calls into a shared list."""
+
+    name = "rec"
+    calls: list = []
+
+    def __init__(self, config=None, name: str = "rec"):
+        super().__init__(config)
+        self.name = name
+
+    @hookimpl
+    def convert(self, model):
+        self.calls.append(("convert", self.name))
+
+    @hookimpl
+    def state_dict_transform(self, state_dict):
+        self.calls.append(("transform", self.name))
+        out = dict(state_dict)
+        out[f"by_{self.name}"] = torch.zeros(1)
+        return out
+
+    @hookimpl
+    def post_optimizer_step(self, model_parts):
+        self.calls.append(("post", self.name))
+
+
+def test_hooks_compose_in_config_order_and_transforms_in_reverse():
+    Recorder.calls = []
+    convs = Converters([Recorder(name="a"), Recorder(name="b")])
+    convs.convert(nn.Linear(2, 2))
+    out = convs.state_dict_transform({})
+    convs.post_optimizer_step([nn.Linear(2, 2)])
+    assert Recorder.calls == [
+        ("convert", "a"),
+        ("convert", "b"),
+        ("transform", "b"),
+        ("transform", "a"),
+        ("post", "a"),
+        ("post", "b"),
+    ]
+    assert set(out) == {"by_a", "by_b"}
+
+
+def test_unknown_converter_lists_installed_ones_and_the_distribution():
+    with pytest.raises(ConfigError) as err:
+        Converters.from_config(["lorra"])
+    msg = str(err.value)
+    assert "'lorra'" in msg and "lora" in msg and "qat" in msg and "float8" in msg
+    assert "pip install" in msg
+
+
+def test_invalid_option_names_converter_option_and_reason():
+    with pytest.raises(ConfigError) as err:
+        Converters.from_config(["lora"], {"lora": {"rank": 0, "bogus": 1}})
+    msg = str(err.value)
+    assert "Converter 'lora' option 'rank'" in msg
+    assert "Converter 'lora' option 'bogus': unknown option" in msg
+
+
+def test_ordering_constraint_names_both_converters():
+    with pytest.raises(ConfigError) as err:
+        Converters.from_config(["lora", "qat"])
+    assert "'qat' must come before 'lora'" in str(err.value)
+
+
+def test_discovery_finds_an_installed_distribution_and_imports_lazily(fake_dist):
+    fake_dist("tag-dist", {"tag": "tagmod:Tag"}, {"tagmod": GOOD})
+    found = discover_converters()
+    assert found["tag"].distribution == "tag-dist"
+    assert "tagmod" not in sys.modules  # listing does not import
+    convs = Converters.from_config(["tag"], {"tag": {"suffix": "y"}})
+    assert convs["tag"].config.suffix == "y"
+    assert convs.key_filter("a.tag") and not convs.key_filter("a.weight")
+
+
+def test_two_distributions_claiming_one_name_is_an_error(fake_dist):
+    fake_dist("first-dist", {"tag": "tagmod:Tag"}, {"tagmod": GOOD})
+    fake_dist("second-dist", {"tag": "othermod:Tag"}, {"othermod": GOOD})
+    with pytest.raises(PluginError) as err:
+        discover_converters()
+    assert "first-dist" in str(err.value) and "second-dist" in str(err.value)
+
+
+def test_plugin_that_fails_to_import_breaks_only_runs_that_enable_it(fake_dist):
+    fake_dist("broken-dist", {"broken": "brokenmod:X"}, {"brokenmod": "raise ImportError('no')"})
+    Converters.from_config(["lora"])  # unaffected
+    with pytest.raises(PluginError) as err:
+        Converters.from_config(["broken"])
+    assert "broken-dist" in str(err.value) and "ImportError" in str(err.value)
+
+
+def test_class_without_config_or_name_is_rejected(fake_dist):
+    src = "class NoConfig:\n    name = 'nocfg'\n"
+    fake_dist("nocfg-dist", {"nocfg": "nocfgmod:NoConfig"}, {"nocfgmod": src})
+    with pytest.raises(PluginError, match="Config"):
+        Converters.from_config(["nocfg"])
+    src2 = GOOD.replace('name: ClassVar[str] = "tag"', 'name: ClassVar[str] = "other"')
+    fake_dist("misnamed-dist", {"misnamed": "misnamedmod:Tag"}, {"misnamedmod": src2})
+    with pytest.raises(PluginError, match="'other'"):
+        Converters.from_config(["misnamed"])
+
+
+def test_hookimpl_with_wrong_signature_names_plugin_and_hook():
+    class Bad(Converter):
+        name = "bad"
+
+        @hookimpl
+        def key_filter(self, key):  # spec argument is 'fqn'
+            return False
+
+    with pytest.raises(PluginError) as err:
+        Converters([Bad()])
+    assert "bad" in str(err.value) and "key_filter" in str(err.value)
+
+
+def test_hookimpl_matching_no_spec_is_rejected():
+    class Typo(Converter):
+        name = "typo"
+
+        @hookimpl
+        def state_dict_transfrom(self, state_dict):
+            return state_dict
+
+    with pytest.raises(PluginError, match="state_dict_transfrom"):
+        Converters([Typo()])
+
+
+def test_key_claimed_by_two_converters_names_key_and_both():
+    class Own(Converter):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        @hookimpl
+        def key_filter(self, fqn):
+            return fqn == "w"
+
+    convs = Converters([Own("one"), Own("two")])
+    with pytest.raises(PluginError) as err:
+        convs.key_filter("w")
+    assert "'w'" in str(err.value) and "'one'" in str(err.value) and "'two'" in str(err.value)
+
+
+def test_hook_that_raises_is_reported_with_converter_and_hook():
+    class Boom(Converter):
+        name = "boom"
+
+        @hookimpl
+        def convert(self, model):
+            raise RuntimeError("kaput")
+
+    with pytest.raises(PluginError, match="'boom' hook 'convert' raised RuntimeError: kaput"):
+        Converters([Boom()]).convert(nn.Linear(1, 1))
+
+
+def test_disable_autoload_hides_entry_points(monkeypatch):
+    monkeypatch.setenv("CKPT_DISABLE_PLUGIN_AUTOLOAD", "1")
+    assert "lora" not in discover_converters()
+    with pytest.raises(ConfigError, match="unknown converter 'lora'"):
+        Converters.from_config(["lora"])
+
+
+def test_trace_env_logs_every_hook_call(monkeypatch, caplog):
+    monkeypatch.setenv("CKPT_TRACE_PLUGINS", "1")
+    convs = Converters([Recorder(name="t")])
+    with caplog.at_level(logging.INFO, logger="ckpt_core.trace"):
+        convs.state_dict_transform({"k": torch.ones(1)})
+    text = caplog.text
+    assert "hook state_dict_transform" in text and "returned" in text
+
+
+def test_duplicate_converter_names_are_refused():
+    with pytest.raises(ConfigError, match="more than once"):
+        Converters([Recorder(name="a"), Recorder(name="a")])
