@@ -1,0 +1,235 @@
+"""Float8 converter: options, conversion, training, and checkpoints that ignore float8.
+
+Float8 runs emulated on CPU (torchao ``emulate=True``): the casts, scales and
+float8 rounding are real, only the matmul runs in fp32.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from ckpt_plugins_float8.conversion import float8_gpu_present
+from pydantic import ValidationError
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+
+from ckpt_core import Converters, ModelWrapper
+from ckpt_core.errors import ConfigError
+from ckpt_core.reference import build_model
+from ckpt_plugins_float8 import Float8Converter
+
+pytest.importorskip("torchao.float8")
+from torchao.float8.float8_linear import Float8Linear  # noqa: E402
+
+no_float8_gpu = pytest.mark.skipif(float8_gpu_present(), reason="a float8 GPU is present")
+
+
+def float8(**options) -> Converters:
+    options.setdefault("emulate", True)
+    return Converters([Float8Converter(Float8Converter.Config(**options))])
+
+
+def tiny(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model("tiny")
+
+
+def batches(n: int, seed: int = 1) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (4, 33), generator=gen) for _ in range(n)]
+
+
+def train(model, opt, data, converters=None) -> list[float]:
+    losses = []
+    for tokens in data:
+        logits = model(tokens[:, :-1])
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if converters is not None:
+            converters.post_optimizer_step([model])
+        losses.append(loss.item())
+    return losses
+
+
+# -- options -------------------------------------------------------------------
+
+
+def test_fsdp_float8_all_gather_with_rowwise_is_refused_naming_both_options():
+    with pytest.raises(ValidationError) as info:
+        Float8Converter.Config(recipe="rowwise", enable_fsdp_float8_all_gather=True)
+    text = str(info.value)
+    assert "enable_fsdp_float8_all_gather" in text and "tensorwise" in text
+
+
+def test_unknown_recipe_and_emulate_values_are_refused():
+    with pytest.raises(ValidationError):
+        Float8Converter.Config(recipe="blockwise")
+    with pytest.raises(ValidationError):
+        Float8Converter.Config(emulate="sometimes")
+
+
+@no_float8_gpu
+def test_emulate_auto_emulates_without_a_float8_gpu_and_says_so_once(caplog):
+    conv = Float8Converter(Float8Converter.Config())
+    with caplog.at_level(logging.INFO, logger="ckpt_plugins_float8"):
+        Converters([conv]).convert([tiny(), tiny()])
+    said = [r for r in caplog.records if "emulat" in r.getMessage() and "auto" in r.getMessage()]
+    assert len(said) == 1
+    assert conv.emulate is True
+
+
+@no_float8_gpu
+def test_emulate_false_without_a_float8_gpu_is_a_config_error_naming_the_fix():
+    with pytest.raises(ConfigError, match="emulate"):
+        float8(emulate=False).convert(tiny())
+
+
+# -- conversion ----------------------------------------------------------------
+
+
+class OddDims(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(64, 32, bias=False)
+        self.odd = nn.Linear(64, 24, bias=False)
+        self.output = nn.Linear(32, 48, bias=False)
+
+
+def test_convert_swaps_linears_but_skips_output_and_dims_not_divisible_by_16(caplog):
+    model = OddDims()
+    conv = Float8Converter(Float8Converter.Config(emulate=True))
+    with caplog.at_level(logging.INFO, logger="ckpt_plugins_float8"):
+        Converters([conv]).convert(model)
+    assert isinstance(model.proj, Float8Linear)
+    assert type(model.odd) is nn.Linear and type(model.output) is nn.Linear
+    assert set(conv.converted) == {"proj"}
+    assert set(conv.skipped) == {"odd", "output"}
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "odd" in logged and "24" in logged and "output" in logged
+
+
+def test_convert_targets_every_reference_linear_except_output():
+    model = tiny()
+    conv = Float8Converter(Float8Converter.Config(emulate=True))
+    Converters([conv]).convert(model)
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert set(conv.converted) == linears - {"output"}
+    assert len(conv.converted) == 14  # 2 layers x (4 attention + 3 feed-forward)
+
+
+# -- training ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_float8_training_lowers_the_loss(recipe):
+    model = tiny()
+    float8(recipe=recipe).convert(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    data = batches(2) * 6
+    losses = train(model, opt, data)
+    assert losses[-1] < 0.75 * losses[0], losses
+
+
+def test_float8_forward_differs_from_the_high_precision_forward():
+    # Proves the converted model really runs float8 casts (not silently plain matmuls).
+    plain, converted = tiny(), tiny()
+    float8().convert(converted)
+    tokens = batches(1)[0]
+    with torch.no_grad():
+        diff = (plain(tokens) - converted(tokens)).abs().max().item()
+    assert 1e-4 < diff < 0.5
+
+
+# -- checkpoints ---------------------------------------------------------------
+
+
+def test_checkpoint_keys_shapes_and_dtypes_match_a_plain_run():
+    plain, converted = tiny(), tiny()
+    convs = float8()
+    convs.convert(converted)
+    a = ModelWrapper(plain).state_dict("full")
+    b = ModelWrapper(converted, convs).state_dict("full")
+    assert list(a) == list(b)
+    for key in a:
+        assert (a[key].shape, a[key].dtype) == (b[key].shape, b[key].dtype), key
+        assert type(b[key]) is torch.Tensor, key
+    assert ModelWrapper(converted, convs).state_dict("base").keys() == b.keys()
+    assert not ModelWrapper(converted, convs).owned_keys()
+
+
+def save_model(model, converters, path) -> dict[str, torch.Tensor]:
+    state = ModelWrapper(model, converters).state_dict("full")
+    dcp.save({"model": state}, checkpoint_id=str(path))
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def load_model(model, converters, path) -> None:
+    wrapper = ModelWrapper(model, converters)
+    state = wrapper.state_dict("full")
+    dcp.load({"model": state}, checkpoint_id=str(path))
+    wrapper.load_state_dict(state)
+
+
+@pytest.mark.parametrize("direction", ["float8_to_plain", "plain_to_float8"])
+def test_checkpoint_resumes_with_float8_switched(direction, tmp_path):
+    src_convs = float8() if direction == "float8_to_plain" else None
+    dst_convs = float8() if direction == "plain_to_float8" else None
+    src = tiny()
+    if src_convs:
+        src_convs.convert(src)
+    opt = torch.optim.AdamW(src.parameters(), lr=3e-3)
+    train(src, opt, batches(3))
+    saved = save_model(src, src_convs, tmp_path / "step-3")
+
+    dst = tiny(seed=123)
+    if dst_convs:
+        dst_convs.convert(dst)
+    load_model(dst, dst_convs, tmp_path / "step-3")
+    loaded = ModelWrapper(dst, dst_convs).state_dict("full")
+    for key, value in saved.items():
+        assert torch.equal(loaded[key], value), key
+    # The restored run keeps training (and learning) in its own precision.
+    losses = train(dst, torch.optim.AdamW(dst.parameters(), lr=3e-3), batches(2) * 4)
+    assert losses[-1] < losses[0]
+
+
+def test_float8_save_and_resume_continue_bit_exactly(tmp_path):
+    data = batches(6)
+    ref = tiny()
+    convs = float8()
+    convs.convert(ref)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=3e-3)
+    expected = train(ref, ref_opt, data)
+
+    first = tiny()
+    convs1 = float8()
+    convs1.convert(first)
+    opt1 = torch.optim.AdamW(first.parameters(), lr=3e-3)
+    train(first, opt1, data[:3])
+    state = {
+        "model": ModelWrapper(first, convs1).state_dict("full"),
+        "optimizer": get_optimizer_state_dict(first, opt1),
+    }
+    dcp.save(state, checkpoint_id=str(tmp_path / "step-3"))
+
+    resumed = tiny(seed=7)
+    convs2 = float8()
+    convs2.convert(resumed)
+    opt2 = torch.optim.AdamW(resumed.parameters(), lr=3e-3)
+    wrapper = ModelWrapper(resumed, convs2)
+    state = {
+        "model": wrapper.state_dict("full"),
+        "optimizer": get_optimizer_state_dict(resumed, opt2),
+    }
+    dcp.load(state, checkpoint_id=str(tmp_path / "step-3"))
+    wrapper.load_state_dict(state["model"])
+    set_optimizer_state_dict(resumed, opt2, state["optimizer"])
+    assert train(resumed, opt2, data[3:]) == expected[3:]
