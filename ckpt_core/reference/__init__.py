@@ -1,0 +1,81 @@
+"""The reference Llama: model, flavors, Hugging Face adapter and builders.
+
+``build_model("debug")`` builds a named flavor, or the architecture of an HF
+``config.json``/folder, freshly initialized; ``from_pretrained(path)`` also
+loads the folder's weights (any sharding, any floating dtype).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ckpt_core.reference.adapter import LlamaStateDictAdapter
+from ckpt_core.reference.flavors import FLAVORS, flavor_args
+from ckpt_core.reference.hf_config import from_hf_config, is_hf_path, read_hf_config, to_hf_config
+from ckpt_core.reference.model import ModelArgs, Transformer
+
+
+def model_args(name_or_path: str | dict[str, Any] | ModelArgs) -> ModelArgs:
+    """Arguments for a flavor name, an HF folder / config.json path or a config dict."""
+    if isinstance(name_or_path, ModelArgs):
+        return name_or_path
+    if isinstance(name_or_path, dict):
+        return from_hf_config(name_or_path)
+    if name_or_path in FLAVORS or not is_hf_path(name_or_path):
+        return flavor_args(name_or_path)
+    return from_hf_config(read_hf_config(name_or_path))
+
+
+def build_model(
+    name_or_path: str | dict[str, Any] | ModelArgs,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Transformer:
+    """A freshly initialized reference Llama (``device="meta"`` skips initialization)."""
+    args = model_args(name_or_path)
+    with torch.device(device or "cpu"):
+        model = Transformer(args)
+    if torch.device(device or "cpu").type != "meta":
+        model.init_weights()
+    if dtype is not None:
+        model.to(dtype=dtype)
+    return model
+
+
+def from_pretrained(path: str, *, dtype: torch.dtype | None = None) -> Transformer:
+    """Architecture and weights of a Hugging Face Llama folder."""
+    from ckpt_core.storage.hf_reader import read_into
+
+    args = model_args(path)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    if dtype is not None:
+        model.to(dtype=dtype)
+    # The adapter only renames, so the containers are the model's own tensors.
+    read_into(LlamaStateDictAdapter(args).to_hf(model.state_dict()), path)
+    return model
+
+
+def adapter_for(model: Transformer) -> LlamaStateDictAdapter:
+    """The state-dict adapter of a reference model."""
+    return LlamaStateDictAdapter(model.args)
+
+
+__all__ = [
+    "FLAVORS",
+    "LlamaStateDictAdapter",
+    "ModelArgs",
+    "Transformer",
+    "adapter_for",
+    "build_model",
+    "from_hf_config",
+    "from_pretrained",
+    "model_args",
+    "read_hf_config",
+    "to_hf_config",
+]

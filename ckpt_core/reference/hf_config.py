@@ -1,0 +1,142 @@
+"""``ModelArgs`` ↔ Hugging Face ``config.json`` for Llama.
+
+Writes the transformers 5 form (``rope_parameters`` holding ``rope_theta`` and
+the scaling, ``dtype``) and reads both that and the older form (top-level
+``rope_theta``, ``rope_scaling`` with ``type`` or ``rope_type``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from ckpt_core.errors import ConfigError
+from ckpt_core.reference.model import ModelArgs
+
+LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+# Fields we produce ourselves; everything else of a source config is carried over.
+_OWN_FIELDS = {
+    "architectures",
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+    "torch_dtype",
+    "dtype",
+    "transformers_version",
+    "quantization_config",
+}
+
+
+def to_hf_config(args: ModelArgs, dtype: str | None = None) -> dict[str, Any]:
+    """The ``config.json`` dict of a ``LlamaForCausalLM`` with these arguments."""
+    rope: dict[str, Any] = {"rope_theta": float(args.rope_theta), "rope_type": "default"}
+    if args.rope_scaling:
+        rope["rope_type"] = "llama3"
+        rope.update({k: args.rope_scaling[k] for k in LLAMA3_KEYS})
+    config: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.dim,
+        "intermediate_size": args.ffn_hidden_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_dim,
+        "vocab_size": args.vocab_size,
+        "rms_norm_eps": args.norm_eps,
+        "rope_parameters": rope,
+        "max_position_embeddings": args.max_seq_len,
+        "tie_word_embeddings": args.tie_word_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+    }
+    for key, value in args.extra_hf_config.items():
+        config.setdefault(key, value)
+    if dtype is not None:
+        config["dtype"] = dtype
+    return config
+
+
+def from_hf_config(config: dict[str, Any]) -> ModelArgs:
+    """``ModelArgs`` from a Llama ``config.json`` dict; unsupported features are errors."""
+    model_type = config.get("model_type", "llama")
+    if model_type != "llama":
+        raise ConfigError(
+            f"config.json model_type is {model_type!r}; the reference model reads 'llama' only."
+        )
+    for flag in ("attention_bias", "mlp_bias"):
+        if config.get(flag):
+            raise ConfigError(f"config.json {flag}=true is not supported by the reference Llama.")
+    act = config.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"config.json hidden_act is {act!r}; the reference Llama uses 'silu'.")
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    scaling = None
+    if rope_type == "llama3":
+        missing = [k for k in LLAMA3_KEYS if k not in rope and k != LLAMA3_KEYS[3]]
+        if missing:
+            raise ConfigError(f"config.json rope parameters of type 'llama3' lack {missing}.")
+        scaling = {k: rope[k] for k in LLAMA3_KEYS[:3]}
+        scaling[LLAMA3_KEYS[3]] = rope.get(
+            LLAMA3_KEYS[3], config.get("max_position_embeddings", 2048)
+        )
+    elif rope_type != "default":
+        raise ConfigError(
+            f"config.json rope_type {rope_type!r} is not supported; allowed: 'default', 'llama3'."
+        )
+    n_heads = config["num_attention_heads"]
+    extra = {k: v for k, v in config.items() if k not in _OWN_FIELDS}
+    return ModelArgs(
+        dim=config["hidden_size"],
+        n_layers=config["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=config.get("num_key_value_heads") or n_heads,
+        head_dim=config.get("head_dim") or config["hidden_size"] // n_heads,
+        vocab_size=config["vocab_size"],
+        ffn_hidden_dim=config["intermediate_size"],
+        norm_eps=config.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta),
+        rope_scaling=scaling,
+        max_seq_len=config.get("max_position_embeddings", 2048),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        extra_hf_config=extra,
+    )
+
+
+def read_hf_config(path: str) -> dict[str, Any]:
+    """Read ``config.json`` from an HF folder, or a config file given directly."""
+    from ckpt_core.storage import layout
+
+    file = path if path.endswith(".json") else layout.join(path, "config.json")
+    fs, inner = layout.filesystem(file)
+    try:
+        if fs is None:
+            with open(inner, encoding="utf-8") as f:
+                return json.load(f)
+        with fs.open(inner, "r") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{file} does not exist; expected a Hugging Face model folder with config.json."
+        ) from None
+
+
+def is_hf_path(path: str) -> bool:
+    """Whether ``path`` looks like an HF folder or config file (not a flavor name)."""
+    return path.endswith(".json") or os.sep in path or "://" in path or os.path.isdir(path)
