@@ -1,0 +1,120 @@
+"""Process setup: ``--nproc N`` re-runs ``ckpt train`` under torchrun, one process per rank.
+
+The launching process validates the config first (so a bad file fails once,
+with one message, before any worker starts), then runs torch's elastic launcher
+(``torch.distributed.run``, i.e. ``torchrun --standalone --nproc_per_node N -m
+ckpt_core.cli.main train ...``) in-process. Workers see torchrun's environment
+(``RANK``, ``WORLD_SIZE``, ...) and join a process group: NCCL when training
+on CUDA, gloo on CPU. A single process without torchrun joins a one-rank gloo
+group over an in-memory store, so the code path is the same on one rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("ckpt_core.trainer")
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the run."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: writes metrics and the console."""
+        return self.rank == 0
+
+
+def under_torchrun() -> bool:
+    """Whether this process was started by torchrun (or another launcher setting RANK)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def env_rank() -> int:
+    """RANK from the environment (0 when not launched)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def pick_device(preference: str, local_rank: int) -> torch.device:
+    """``job.device`` to a concrete device ('auto': CUDA when available)."""
+    from ckpt_core.errors import ConfigError
+
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("job.device = 'cuda' but CUDA is not available; use 'cpu' or 'auto'.")
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+    return torch.device("cpu")
+
+
+def init_distributed(device_preference: str = "auto") -> Dist:
+    """Join (or create) the process group and pick this rank's device."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_preference, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if under_torchrun():
+            device_id = device if backend == "nccl" else None
+            dist.init_process_group(backend=backend, device_id=device_id)
+        else:
+            dist.init_process_group(backend="gloo", store=dist.HashStore(), rank=0, world_size=1)
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group (idempotent)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def relaunch(nproc: int, argv: Sequence[str], *, verbose: bool = False) -> int:
+    """Run ``ckpt train argv`` on ``nproc`` local ranks under torchrun; the exit code.
+
+    ``argv`` must not contain ``--nproc``. The workers print their own errors;
+    torchrun's summary of a failed worker is kept to one line.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    module_args = ["-v"] if verbose else []
+    torchrun_args = parse_args(
+        [
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "--module",
+            "ckpt_core.cli.main",
+            *module_args,
+            "train",
+            *argv,
+        ]
+    )
+    # torchrun's agent logs restarts and failures with long tracebacks: keep errors only.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    logger.info("launching %d ranks with torchrun", nproc)
+    try:
+        run(torchrun_args)
+    except ChildFailedError as exc:
+        codes = sorted(
+            ((rank, failure.exitcode) for rank, failure in exc.failures.items()),
+            key=lambda rc: rc[0],
+        )
+        rank, code = codes[0] if codes else (0, 1)
+        if code < 0:
+            print(f"ckpt train: rank {rank} was killed by signal {-code}", file=sys.stderr)
+            return 128 - code
+        return code or 1
+    return 0

@@ -1,0 +1,276 @@
+"""The reference training loop: build, parallelize, load, train, checkpoint, export.
+
+Order of one run (every rank):
+
+1. seed, build the reference Llama (identical on every rank), apply the
+   converters (before parallelization), FSDP2 per transformer block and the
+   root when there is more than one rank;
+2. AdamW over the trainable parameters with a linear warmup (``LambdaLR``),
+   the synthetic token stream, and a :class:`~ckpt_core.CheckpointManager`
+   over all of them;
+3. ``manager.load()``: resume from the newest committed step, else the initial
+   load, else a fresh start;
+4. per step: forward/backward, ``maybe_wait_for_staging()`` (an async save
+   still copying weights must finish before they change), clip, optimizer and
+   scheduler step, ``post_optimizer_step``, counters, metrics line, ``save``;
+5. ``manager.close()`` drains pending saves, on success and on error.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ckpt_core.errors import ConfigError
+from ckpt_core.trainer.config import TrainConfig
+from ckpt_core.trainer.launch import Dist
+
+logger = logging.getLogger("ckpt_core.trainer")
+
+
+# -- preparation (no torch.distributed needed) ---------------------------------
+
+
+def model_source(cfg: TrainConfig) -> tuple[str, str | None]:
+    """``(name_or_path, hf_folder)``: ``hf_folder`` is set when model.name is a folder.
+
+    A name that is neither a known flavor nor an existing folder is a
+    :class:`ConfigError` naming both possibilities.
+    """
+    from ckpt_core.reference import FLAVORS
+    from ckpt_core.reference.hf_config import is_hf_path
+    from ckpt_core.storage import layout
+
+    name = cfg.model.name
+    if name in FLAVORS:
+        return name, None
+    if not is_hf_path(name):
+        raise ConfigError(
+            f"model.name: {name!r} is neither a flavor ({', '.join(FLAVORS)}) nor a folder. "
+            "Give a flavor name or the path of a Hugging Face Llama folder."
+        )
+    if name.endswith(".json"):
+        if not layout.exists(name):
+            raise ConfigError(f"model.name: config file {name!r} does not exist.")
+        return name, None
+    if not layout.exists(name):
+        raise ConfigError(
+            f"model.name: folder {name!r} does not exist. Give a flavor "
+            f"({', '.join(FLAVORS)}) or the path of a Hugging Face Llama folder."
+        )
+    if not layout.exists(layout.join(name, "config.json")):
+        raise ConfigError(
+            f"model.name: folder {name!r} has no config.json; expected a Hugging Face "
+            "Llama folder (config.json and *.safetensors)."
+        )
+    return name, name
+
+
+def prepare(cfg: TrainConfig) -> TrainConfig:
+    """Checks that need no process group; fills ``initial_load`` from an HF model folder.
+
+    Returns a copy of ``cfg``; raises :class:`ConfigError` on bad input.
+    """
+    from ckpt_core.plugins import Converters
+
+    cfg = cfg.model_copy(deep=True)
+    _, hf_folder = model_source(cfg)
+    if hf_folder is not None and cfg.checkpoint.initial_load.path is None:
+        cfg.checkpoint.initial_load.path = hf_folder
+        cfg.checkpoint.initial_load.format = "hf"
+        cfg.checkpoint.initial_load.model_only = True
+    # Import and validate the converters now: unknown names and bad options fail here.
+    Converters.from_config(cfg.converters.enabled, cfg.converters.options)
+    return cfg
+
+
+# -- building blocks -----------------------------------------------------------
+
+
+def warmup_schedule(warmup_steps: int):
+    """LR multiplier: linear warmup over ``warmup_steps``, then constant."""
+
+    def factor(step: int) -> float:
+        if warmup_steps <= 0:
+            return 1.0
+        return min(1.0, (step + 1) / warmup_steps)
+
+    return factor
+
+
+def parallelize(model: nn.Module, dist_info: Dist) -> nn.Module:
+    """FSDP2: one unit per transformer block plus the root (only with several ranks).
+
+    One rank trains the plain module: DCP reshards a checkpoint saved by FSDP2 on
+    N ranks into plain tensors, so N -> 1 resumes work either way.
+    """
+    if dist_info.world_size == 1:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(dist_info.device.type, (dist_info.world_size,))
+    for block in model.layers.values():
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def set_determinism(seed: int, deterministic: bool) -> None:
+    """Fixed seeds; deterministic kernels where torch has them."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        if torch.backends.cudnn.is_available():
+            torch.backends.cudnn.benchmark = False
+    torch.manual_seed(seed)
+
+
+def global_mean(value: torch.Tensor, world_size: int) -> float:
+    """The mean of a scalar over ranks (gloo/NCCL sum order is fixed per world size)."""
+    if world_size == 1:
+        return float(value)
+    t = value.detach().clone()
+    dist.all_reduce(t)
+    return float(t / world_size)
+
+
+# -- the run -------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig, dist_info: Dist) -> dict[str, Any]:
+    """Run (or resume) training as ``cfg`` says; returns a small summary (rank 0's view)."""
+    from ckpt_core.manager import CheckpointManager
+    from ckpt_core.plugins import Converters
+    from ckpt_core.reference import LlamaStateDictAdapter, build_model
+    from ckpt_core.trainer.data import SyntheticTokens
+    from ckpt_core.trainer.metrics import MetricsWriter
+    from ckpt_core.trainer.progress import Progress
+
+    cfg = prepare(cfg)
+    tcfg = cfg.training
+    set_determinism(tcfg.seed, tcfg.deterministic)
+
+    model = build_model(cfg.model.name)
+    adapter = LlamaStateDictAdapter(model.args)
+    if tcfg.seq_len > model.args.max_seq_len:
+        raise ConfigError(
+            f"training.seq_len = {tcfg.seq_len} exceeds the model's max_seq_len "
+            f"{model.args.max_seq_len}."
+        )
+    converters = Converters.from_config(cfg.converters.enabled, cfg.converters.options)
+    converters.convert(model)
+    model.to(dist_info.device)
+    model = parallelize(model, dist_info)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the model has no trainable parameters after the converters ran.")
+    optimizer = torch.optim.AdamW(
+        params, lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.95), eps=1e-8
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(tcfg.warmup_steps))
+    loader = SyntheticTokens(
+        vocab_size=model.args.vocab_size,
+        seq_len=tcfg.seq_len,
+        batch_size=tcfg.batch_size,
+        seed=tcfg.seed,
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+        device=dist_info.device,
+    )
+    manager = CheckpointManager(
+        cfg.resolved_checkpoint(),
+        model_parts=[model],
+        optimizers=optimizer,
+        lr_schedulers=scheduler,
+        dataloader=loader,
+        converters=converters,
+        sd_adapter=adapter,
+    )
+    metrics: MetricsWriter | None = None
+    progress: Progress | None = None
+    try:
+        manager.load()
+        state = manager.train_state
+        start = state.step + 1
+        if dist_info.is_main:
+            n_params = sum(p.numel() for p in model.parameters())
+            logger.info(
+                "model %s (%.2fM parameters, %d trainable tensors), converters %s, %d rank(s) "
+                "on %s; steps %d..%d",
+                cfg.model.name,
+                n_params / 1e6,
+                len(params),
+                converters.names or "none",
+                dist_info.world_size,
+                dist_info.device,
+                start,
+                tcfg.steps,
+            )
+        metrics = MetricsWriter(
+            cfg.resolve(cfg.metrics.path), enabled=dist_info.is_main, fresh=state.step == 0
+        )
+        progress = Progress(
+            tcfg.steps, state.step, enabled=dist_info.is_main, log_every=cfg.metrics.log_every
+        )
+        tokens_per_step = tcfg.batch_size * tcfg.seq_len
+        last_loss = math.nan
+        for step in range(start, tcfg.steps + 1):
+            t0 = time.perf_counter()
+            inputs, targets = next(loader)
+            logits = model(inputs)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            loss.backward()
+            if tcfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
+            manager.maybe_wait_for_staging()
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            converters.post_optimizer_step([model])
+            state.step = step
+            state.tokens_seen += tokens_per_step
+            last_loss = global_mean(loss, dist_info.world_size)
+            seconds = time.perf_counter() - t0
+            metrics.write(
+                {
+                    "step": step,
+                    "loss": last_loss,
+                    "tokens": state.tokens_seen,
+                    "seconds": seconds,
+                    "lr": lr,
+                    "tokens_per_s": tokens_per_step / seconds if seconds > 0 else 0.0,
+                }
+            )
+            progress.update(step, last_loss, tokens_per_step / max(seconds, 1e-9), lr)
+            manager.save(step, last_step=step == tcfg.steps)
+    except BaseException:
+        _close_quietly(manager)
+        raise
+    finally:
+        if progress is not None:
+            progress.close()
+        if metrics is not None:
+            metrics.close()
+    manager.close()
+    if dist_info.is_main and start > tcfg.steps:
+        logger.info("nothing to train: the checkpoint is already at step %d", start - 1)
+    return {"start": start, "steps": tcfg.steps, "loss": last_loss}
+
+
+def _close_quietly(manager: Any) -> None:
+    """Drain the manager after an error without hiding the original exception."""
+    try:
+        manager.close()
+    except Exception:  # noqa: BLE001
+        logger.exception("checkpoint manager failed to close after an error")
