@@ -1,0 +1,141 @@
+"""The manager's load policy: resume > initial load > fresh start, then additional loads.
+
+* **Resume** from ``<folder>/step-<N>`` (the newest committed step with a
+  manifest, or ``load_step`` / ``load(step)``, which must exist): every state
+  except ``exclude_from_loading``.
+* **Initial load**, only when the folder holds no committed step: DCP (model
+  only, or every state when ``model_only = false``), or Hugging Face weights
+  through :func:`ckpt_core.exporter.load_hf`.
+* **Fresh start** otherwise, logged.
+* ``additional_load`` entries (e.g. a PEFT adapter) are applied after an
+  initial load or a fresh start, never on resume: the checkpoint already holds
+  the converter's trained weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from ckpt_core import resume
+from ckpt_core.errors import CheckpointError
+from ckpt_core.storage import layout
+from ckpt_core.storage.safe_metadata import METADATA_NAME, read_metadata
+
+if TYPE_CHECKING:
+    from ckpt_core.manager import CheckpointManager
+
+logger = logging.getLogger(__name__)
+
+
+def load_into(manager: CheckpointManager, step: int = -1) -> bool:
+    """Run the load policy for ``manager``; see the module docstring."""
+    config = manager.config
+    requested = step if step >= 0 else config.load_step
+    found = resume.find_step(config.folder, requested)
+    if found is not None:
+        _resume(manager, found)
+        return True
+    initial = config.initial_load
+    loaded = False
+    if initial.path:
+        _initial_load(manager)
+        loaded = True
+    else:
+        logger.info(
+            "Fresh start: %s holds no committed step and no checkpoint.initial_load.path is set.",
+            config.folder,
+        )
+    _additional_loads(manager)
+    return loaded
+
+
+def _states_to_load(manager: CheckpointManager, model_only: bool = False) -> dict[str, Any]:
+    if model_only:
+        return {"model": manager.states["model"]}
+    excluded = set(manager.config.exclude_from_loading)
+    return {k: v for k, v in manager.states.items() if k not in excluded}
+
+
+def _load_dcp(
+    manager: CheckpointManager, path: str, states: dict[str, Any], *, exact: bool
+) -> None:
+    metadata = read_metadata(path)
+    resume.check_model(metadata, manager.wrapper.state_dict("full"), source=path, dtypes=exact)
+    resume.check_states(metadata, [n for n in states if n != "model"], source=path)
+    resume.dcp_load(path, states, process_group=manager.process_group, metadata=metadata)
+
+
+def _resume(manager: CheckpointManager, step: int) -> None:
+    folder = manager.config.folder
+    resume.check_step(folder, step)
+    path = layout.step_dir(folder, step)
+    states = _states_to_load(manager)
+    _load_dcp(manager, path, states, exact=True)
+    manager._loaded_step = step
+    logger.info(
+        "Resumed from %s (states: %s; excluded: %s)",
+        path,
+        ", ".join(states),
+        manager.config.exclude_from_loading or "none",
+    )
+
+
+def _initial_load(manager: CheckpointManager) -> None:
+    initial = manager.config.initial_load
+    path = initial.path
+    assert path is not None
+    if initial.format == "dcp":
+        if not layout.exists(layout.join(path, METADATA_NAME)):
+            steps = resume.steps_with_manifest(path)
+            if not steps:
+                raise CheckpointError(
+                    f"checkpoint.initial_load.path = {path!r} is not a DCP checkpoint (no "
+                    f"{METADATA_NAME}) and holds no committed step-<N> folder. Point it at a "
+                    "DCP checkpoint folder, or set checkpoint.initial_load.format to 'hf'."
+                )
+            resume.check_step(path, steps[-1])
+            path = layout.step_dir(path, steps[-1])
+        states = _states_to_load(manager, model_only=initial.model_only)
+        _load_dcp(manager, path, states, exact=False)
+    else:
+        from ckpt_core.exporter import load_hf
+
+        load_hf(
+            manager.wrapper,
+            path,
+            fmt=initial.format,
+            sd_adapter=manager.sd_adapter,
+            converters=manager.converters,
+        )
+    logger.info(
+        "Initial load from %s (format %s%s)",
+        path,
+        initial.format,
+        ", model only" if initial.model_only or initial.format != "dcp" else "",
+    )
+
+
+def _additional_loads(manager: CheckpointManager) -> None:
+    entries = manager.config.additional_load
+    if not entries:
+        return
+    from ckpt_core.exporter import load_additional
+
+    for entry in entries:
+        not_found = load_additional(
+            manager.wrapper,
+            entry.path,
+            converter=entry.converter,
+            sd_adapter=manager.sd_adapter,
+            converters=manager.converters,
+        )
+        if not_found:
+            logger.warning(
+                "additional_load %s (converter %s) did not provide %d key(s): %s",
+                entry.path,
+                entry.converter,
+                len(not_found),
+                ", ".join(not_found[:20]),
+            )
+        logger.info("Loaded %s through converter %s", entry.path, entry.converter)

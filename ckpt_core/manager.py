@@ -1,0 +1,285 @@
+"""``CheckpointManager``: *when*, *what* and *where* to save and load.
+
+Policy only. Content comes from :class:`ModelWrapper` views and the Stateful
+containers in :mod:`ckpt_core.states`; bytes move through
+:mod:`ckpt_core.storage` (DCP writers, manifest, commit, purge) and
+:mod:`ckpt_core.async_save`; loading checks live in :mod:`ckpt_core.resume`.
+
+A save (every rank, collectively):
+
+1. ``save(step, last_step)`` decides whether ``step`` is saved (interval, first
+   step, last step, ``load_only``) and whether an export is due; the work is in
+   :meth:`CheckpointManager._do_save`, which subclasses can call with their own gating.
+2. Every rank writes its DCP shards into ``<folder>/.tmp-step-<N>/`` (async:
+   after staging into reused CPU buffers, in a background thread).
+3. After a barrier, rank 0 writes ``manifest.json`` (checksums were computed
+   while the bytes were written) and commits by rename to ``step-<N>``; barrier.
+4. Rank 0 purges old steps (``keep_latest_k``) in a background thread.
+
+The constructor is collective when ``torch.distributed`` is initialized: it
+creates the manager's own gloo process group for checkpoint traffic.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+from ckpt_core.adapter import StateDictAdapter
+from ckpt_core.async_save import AsyncCheckpointer
+from ckpt_core.config import CORE_STATES, CheckpointConfig
+from ckpt_core.errors import ConfigError
+from ckpt_core.model_wrapper import ModelWrapper
+from ckpt_core.plugins import Converters
+from ckpt_core.states import LRSchedulersContainer, ModelState, OptimizersContainer, as_stateful
+from ckpt_core.storage import layout, manifest
+from ckpt_core.storage.dcp_io import storage_writer, written_checksums
+from ckpt_core.storage.purge import Purger
+from ckpt_core.train_state import TrainState
+
+logger = logging.getLogger(__name__)
+
+
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class CheckpointManager:
+    """Saves and restores a training run's state; see the module docstring."""
+
+    def __init__(
+        self,
+        config: CheckpointConfig,
+        model_parts: nn.Module | list[nn.Module],
+        optimizers: Any = None,
+        lr_schedulers: Any = None,
+        dataloader: Any = None,
+        states: Mapping[str, Any] | None = None,
+        converters: Converters | None = None,
+        sd_adapter: StateDictAdapter | None = None,
+    ) -> None:
+        self.config = config
+        self.enabled = config.enable
+        self.converters = converters if converters is not None else Converters([])
+        self.wrapper = ModelWrapper(model_parts, converters=self.converters)
+        self.sd_adapter = sd_adapter
+        self.train_state = TrainState()
+        self.states: dict[str, Any] = {"model": ModelState(self.wrapper)}
+        if optimizers is not None:
+            self.states["optimizer"] = OptimizersContainer(self.wrapper.model_parts, optimizers)
+        if lr_schedulers is not None:
+            self.states["lr_scheduler"] = LRSchedulersContainer(lr_schedulers)
+        if dataloader is not None:
+            self.states["dataloader"] = as_stateful(dataloader, "dataloader")
+        self.states["train_state"] = self.train_state
+        for name, obj in (states or {}).items():
+            if name in CORE_STATES:
+                raise ConfigError(
+                    f"states: the name {name!r} is reserved for the manager's own state "
+                    f"(reserved: {list(CORE_STATES)}); pick another name."
+                )
+            self.states[name] = as_stateful(obj, name)
+        self.export_enabled = self._check_export()
+        self.process_group = dist.new_group(backend="gloo") if _dist_on() else None
+        self.rank = dist.get_rank() if _dist_on() else 0
+        self.world_size = dist.get_world_size() if _dist_on() else 1
+        self._async = (
+            AsyncCheckpointer(config.async_mode)
+            if self.enabled and config.async_mode != "disabled" and not config.load_only
+            else None
+        )
+        self._purger = Purger(config.folder, config.keep_latest_k)
+        self._loaded_step: int | None = None
+
+    def _check_export(self) -> bool:
+        export = self.config.export
+        if not (self.enabled and export.enable):
+            return False
+        if export.format == "hf" and self.sd_adapter is None:
+            if "export" in self.config.model_fields_set:
+                raise ConfigError(
+                    "checkpoint.export.format = 'hf' needs a model state-dict adapter "
+                    "(sd_adapter=...) to name HF keys and write config.json. Pass sd_adapter, "
+                    "set checkpoint.export.format = 'dcp', or checkpoint.export.enable = false."
+                )
+            logger.info("No sd_adapter given: the default HF export is off for this run.")
+            return False
+        return True
+
+    # -- saving -----------------------------------------------------------------
+
+    def should_save(self, step: int, last_step: bool = False) -> bool:
+        """Whether :meth:`save` writes a checkpoint at ``step``."""
+        if not self.enabled or self.config.load_only:
+            return False
+        if last_step or step % self.config.interval == 0:
+            return True
+        return step == 1 and self.config.enable_first_step_checkpoint
+
+    def should_export(self, step: int, last_step: bool = False) -> bool:
+        """Whether :meth:`save` writes an export at ``step``."""
+        if not self.export_enabled or self.config.load_only:
+            return False
+        interval = self.config.export.interval
+        return last_step or (interval > 0 and step % interval == 0)
+
+    def save(self, step: int, last_step: bool = False) -> bool:
+        """Save (and export) ``step`` if the config says so; returns whether it saved.
+
+        Collective: every rank calls it with the same arguments. The last step is
+        saved synchronously; other steps follow ``checkpoint.async_mode``.
+        """
+        saved = False
+        if self.should_save(step, last_step):
+            saved = self._do_save(step, sync=last_step or self._async is None)
+        if self.should_export(step, last_step):
+            self._do_export(step)
+        return saved
+
+    def _do_save(self, step: int, *, sync: bool) -> bool:
+        """Write ``step`` now (sync) or stage it and write in the background.
+
+        Holds no gating, so subclasses can reuse it. Returns False when the step
+        is already committed (a committed step is never overwritten).
+        """
+        self._wait_for_previous()
+        folder = self.config.folder
+        final = layout.step_dir(folder, step)
+        if layout.exists(final):
+            logger.warning("%s is already committed; not overwriting it.", final)
+            return False
+        self.train_state.step = step
+        tmp = layout.tmp_step_dir(folder, step)
+        if self.rank == 0:
+            layout.makedirs(folder)
+            layout.remove_tree(tmp)  # a crashed earlier attempt at this step
+            layout.makedirs(tmp)
+        self._barrier()
+        state = {name: obj.state_dict() for name, obj in self.states.items()}
+        if sync or self._async is None:
+            self._write_and_commit(state, step)
+            logger.info("Saved checkpoint %s", final)
+        else:
+            self._async.submit(state, lambda staged: self._write_and_commit(staged, step))
+            logger.info("Staged checkpoint step %d; writing %s in the background", step, final)
+        return True
+
+    def _write_and_commit(self, state: dict[str, Any], step: int) -> None:
+        """DCP-save ``state`` to the temporary folder, write the manifest, commit, purge."""
+        folder = self.config.folder
+        tmp, final = layout.tmp_step_dir(folder, step), layout.step_dir(folder, step)
+        writer = storage_writer(tmp)
+        dcp.save(state, storage_writer=writer, process_group=self.process_group)
+        records = written_checksums(writer)
+        if self.world_size > 1:
+            gathered: list[Any] = [None] * self.world_size
+            dist.all_gather_object(gathered, records, group=self.process_group)
+            records = {k: v for part in gathered for k, v in part.items()}
+        if self.rank == 0:
+            files = manifest.file_entries(tmp, records)
+            manifest.write(tmp, self._manifest(step, files))
+            layout.commit(tmp, final)
+        self._barrier()
+        if self.rank == 0 and self.config.keep_latest_k > 0:
+            protected = [] if self._loaded_step is None else [self._loaded_step]
+            self._purger.start(protected=protected, in_flight=[step])
+
+    def _manifest(self, step: int, files: dict[str, Any]) -> dict[str, Any]:
+        return manifest.build(
+            kind="checkpoint",
+            step=step,
+            files=files,
+            world_size=self.world_size,
+            mesh=_describe_mesh(self.wrapper),
+            converters=self.converters.describe(),
+            model=self._describe_model(),
+        )
+
+    def _describe_model(self) -> dict[str, Any] | None:
+        adapter = self.sd_adapter
+        if adapter is None:
+            return None
+        name = getattr(adapter, "registry_name", type(adapter).__name__)
+        try:
+            config = adapter.update_hf_config({})
+        except Exception as exc:  # noqa: BLE001 - a description must not fail a save
+            logger.warning("sd_adapter.update_hf_config({}) failed (%s); using describe()", exc)
+            config = adapter.describe()
+        return {"adapter": name, "config": config}
+
+    def _do_export(self, step: int) -> None:
+        from ckpt_core.exporter import write_export
+
+        export = self.config.export
+        final = layout.step_dir(export.folder, step)
+        if layout.exists(final):
+            logger.warning("%s already exists; not exporting step %d again.", final, step)
+            return
+        write_export(
+            self.wrapper,
+            final,
+            fmt=export.format,
+            dtype=export.dtype,
+            sd_adapter=self.sd_adapter,
+            converters=self.converters,
+            step=step,
+        )
+        logger.info("Exported step %d to %s", step, final)
+
+    def maybe_wait_for_staging(self) -> None:
+        """Wait until a pending async save has copied the weights (call before
+        ``optimizer.step()``); returns at once when nothing is staging."""
+        if self._async is not None:
+            self._async.maybe_wait_for_staging()
+
+    def _wait_for_previous(self) -> None:
+        if self._async is not None:
+            self._async.wait()
+
+    def _barrier(self) -> None:
+        if self.process_group is not None:
+            dist.barrier(group=self.process_group)
+
+    def close(self) -> None:
+        """Drain the pending async save and purge; re-raises any background error."""
+        try:
+            if self._async is not None:
+                self._async.close()
+        finally:
+            self._purger.join()
+
+    # -- loading ----------------------------------------------------------------
+
+    def load(self, step: int = -1) -> bool:
+        """Restore state: a committed step > ``initial_load`` > fresh start.
+
+        ``step`` (or ``checkpoint.load_step``) names a step that must exist; -1
+        takes the newest committed step. Returns True when anything was loaded
+        (a resume or an initial load), False for a fresh start. Collective.
+        """
+        from ckpt_core.loading import load_into
+
+        if not self.enabled:
+            return False
+        self._wait_for_previous()
+        return load_into(self, step)
+
+
+def _describe_mesh(wrapper: ModelWrapper) -> dict[str, Any] | None:
+    from torch.distributed.tensor import DTensor
+
+    for value in wrapper.state_dict("full").values():
+        if isinstance(value, DTensor):
+            mesh = value.device_mesh
+            return {
+                "shape": list(mesh.shape),
+                "dim_names": list(mesh.mesh_dim_names or []),
+                "device_type": mesh.device_type,
+                "placements": [str(p) for p in value.placements],
+            }
+    return None

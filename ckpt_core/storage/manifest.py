@@ -1,0 +1,236 @@
+"""``manifest.json``: what a committed step holds, and checks against it.
+
+Every committed ``step-<N>`` folder carries a manifest (shared format, version 1)::
+
+    {"format_version": 1, "kind": "checkpoint" | "export", "step": N, "world_size": W,
+     "mesh": ..., "converters": [...], "model": {...} | null,
+     "versions": {"ckpt_core": ..., "torch": ...},
+     "files": {"<relative path>": {"size": bytes, "checksum": "crc32:<8 hex>"}},
+     "created": <unix time>}
+
+Checksums are CRC-32 (``zlib.crc32``, ~6 GB/s on one core). The DCP writer in
+:mod:`ckpt_core.storage.dcp_io` computes them *while the bytes are written*, so a
+save never reads its files back; :func:`file_entries` reads files only for those
+a writer did not checksum. Checking sizes (:func:`check_sizes`) costs one ``stat``
+per file and runs before every load; checking checksums (:func:`verify`) reads
+everything and is what ``ckpt verify`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import zlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ckpt_core.storage import layout
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+CHECKSUM_ALGO = "crc32"
+_CHUNK = 16 << 20
+
+
+def crc32_hex(value: int) -> str:
+    """``"crc32:<8 hex digits>"`` for a running CRC-32 value."""
+    return f"{CHECKSUM_ALGO}:{value & 0xFFFFFFFF:08x}"
+
+
+def _open(path: str, mode: str):
+    fs, inner = layout.filesystem(path)
+    return open(inner, mode) if fs is None else fs.open(inner, mode)
+
+
+def _size(path: str) -> int | None:
+    fs, inner = layout.filesystem(path)
+    try:
+        return os.path.getsize(inner) if fs is None else int(fs.size(inner))
+    except (OSError, FileNotFoundError):
+        return None
+
+
+def file_checksum(path: str, progress: Callable[[int], None] | None = None) -> str:
+    """CRC-32 of a file, read in 16 MiB chunks; ``progress(nbytes)`` after each."""
+    crc = 0
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with _open(path, "rb") as f:
+        while True:
+            n = f.readinto(buf) if hasattr(f, "readinto") else None
+            if n is None:
+                chunk = f.read(_CHUNK)
+                n = len(chunk)
+                crc = zlib.crc32(chunk, crc)
+            else:
+                crc = zlib.crc32(view[:n], crc)
+            if not n:
+                break
+            if progress is not None:
+                progress(n)
+    return crc32_hex(crc)
+
+
+def list_files(folder: str) -> list[str]:
+    """Relative paths (``/``-separated) of every file under ``folder``, sorted."""
+    fs, inner = layout.filesystem(folder)
+    out = []
+    if fs is None:
+        for root, _dirs, files in os.walk(inner):
+            for name in files:
+                rel = os.path.relpath(os.path.join(root, name), inner)
+                out.append(rel.replace(os.sep, "/"))
+    else:
+        base = inner.rstrip("/")
+        for path in fs.find(base):
+            out.append(path[len(base) :].lstrip("/"))
+    return sorted(p for p in out if p != MANIFEST_NAME)
+
+
+def file_entries(
+    folder: str, known: Mapping[str, tuple[int, str]] | None = None
+) -> dict[str, dict[str, Any]]:
+    """``files`` section for every file under ``folder``.
+
+    ``known`` maps relative paths to ``(size, checksum)`` computed while writing;
+    those are trusted when the size on disk agrees, the rest are read and hashed.
+    """
+    known = known or {}
+    entries: dict[str, dict[str, Any]] = {}
+    for rel in list_files(folder):
+        path = layout.join(folder, rel)
+        size = _size(path)
+        if rel in known and known[rel][0] == size:
+            checksum = known[rel][1]
+        else:
+            checksum = file_checksum(path)
+        entries[rel] = {"size": size, "checksum": checksum}
+    return entries
+
+
+def build(
+    *,
+    kind: str,
+    step: int,
+    files: dict[str, dict[str, Any]],
+    world_size: int = 1,
+    mesh: Any = None,
+    converters: list[dict[str, Any]] | None = None,
+    model: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A manifest dict in the shared format."""
+    import torch
+
+    from ckpt_core import __version__
+
+    if kind not in ("checkpoint", "export"):
+        raise ValueError(f"manifest kind must be 'checkpoint' or 'export', got {kind!r}.")
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "step": step,
+        "world_size": world_size,
+        "mesh": mesh,
+        "converters": converters or [],
+        "model": model,
+        "versions": {"ckpt_core": __version__, "torch": torch.__version__},
+        "files": files,
+        "created": time.time(),
+    }
+
+
+def write(folder: str, manifest: Mapping[str, Any]) -> str:
+    """Write ``manifest.json`` into ``folder`` (fsync'd when local); returns its path."""
+    path = layout.join(folder, MANIFEST_NAME)
+    data = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    fs, inner = layout.filesystem(path)
+    if fs is None:
+        with open(inner, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    else:
+        with fs.open(inner, "wb") as f:
+            f.write(data)
+    return path
+
+
+def read(folder: str) -> dict[str, Any] | None:
+    """The manifest of ``folder``, or ``None`` when it has none or it is not valid JSON."""
+    path = layout.join(folder, MANIFEST_NAME)
+    try:
+        with _open(path, "rb") as f:
+            data = json.loads(f.read())
+    except (OSError, FileNotFoundError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "files" in data else None
+
+
+@dataclass
+class Problem:
+    """One file that does not match its manifest entry."""
+
+    file: str
+    reason: str  # "missing" | "truncated" | "size" | "checksum" | "unlisted"
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.reason} ({self.detail})"
+
+
+def check_sizes(folder: str, manifest: Mapping[str, Any] | None = None) -> list[Problem]:
+    """Missing and wrongly sized files (one ``stat`` each); no manifest is a problem."""
+    manifest = manifest if manifest is not None else read(folder)
+    if manifest is None:
+        return [Problem(MANIFEST_NAME, "missing", "the step has no readable manifest.json")]
+    problems = []
+    for rel, entry in sorted(manifest["files"].items()):
+        size = _size(layout.join(folder, rel))
+        want = int(entry["size"])
+        if size is None:
+            problems.append(Problem(rel, "missing", f"expected {want} bytes"))
+        elif size < want:
+            problems.append(Problem(rel, "truncated", f"{size} of {want} bytes"))
+        elif size != want:
+            problems.append(Problem(rel, "size", f"{size} bytes, manifest says {want}"))
+    return problems
+
+
+def verify(
+    folder: str,
+    manifest: Mapping[str, Any] | None = None,
+    progress: Callable[[str, int], None] | None = None,
+) -> list[Problem]:
+    """Every file against the manifest: missing, truncated, size, checksum.
+
+    ``progress(file, nbytes)`` is called as bytes are hashed. Files on disk that
+    the manifest does not list are reported as ``unlisted``.
+    """
+    manifest = manifest if manifest is not None else read(folder)
+    problems = check_sizes(folder, manifest)
+    if manifest is None:
+        return problems
+    bad = {p.file for p in problems}
+    for rel, entry in sorted(manifest["files"].items()):
+        if rel in bad:
+            continue
+        got = file_checksum(
+            layout.join(folder, rel),
+            None if progress is None else (lambda n, rel=rel: progress(rel, n)),
+        )
+        if got != entry["checksum"]:
+            problems.append(Problem(rel, "checksum", f"{got}, manifest says {entry['checksum']}"))
+    listed = set(manifest["files"])
+    for rel in list_files(folder):
+        if rel not in listed:
+            problems.append(Problem(rel, "unlisted", "file is not in manifest.json"))
+    return problems
+
+
+def total_bytes(manifest: Mapping[str, Any], files: Iterable[str] | None = None) -> int:
+    """Sum of the listed file sizes (of ``files`` when given)."""
+    entries = manifest["files"]
+    names = entries if files is None else files
+    return sum(int(entries[n]["size"]) for n in names if n in entries)
