@@ -1,0 +1,119 @@
+"""Export transform: fp32 master weights → compressed-tensors integer entries.
+
+A pure function over a state dict. Each targeted linear's ``<mod>.weight`` is
+replaced by the entries compressed-tensors stores for the scheme:
+
+* ``pack-quantized`` (int4 weight-only, int8 weight-only):
+  ``<mod>.weight_packed`` int32 ``[out, in * bits / 32]``,
+  ``<mod>.weight_scale`` ``[out, in / group]`` (per channel: ``[out, 1]``),
+  ``<mod>.weight_shape`` int64 ``[2]``;
+* ``int-quantized`` (int8 dynamic activations, int4 weights):
+  ``<mod>.weight`` int8 ``[out, in]`` holding values in ``[-8, 7]`` and
+  ``<mod>.weight_scale``.
+
+Scales leave here in the master weight's dtype; the export's dtype cast then
+brings them to the export dtype, which is what compressed-tensors expects (it
+dequantizes into the scale's dtype). Integer tensors are never cast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from ckpt_plugins_qat.quantize import pack_int32, quantize_weight
+from ckpt_plugins_qat.schemes import Scheme
+
+WEIGHT_SUFFIX = ".weight"
+#: Suffixes of the export entries that replace ``<mod>.weight``.
+PACKED_SUFFIXES = (".weight_packed", ".weight_scale", ".weight_shape")
+#: Keys of fake-quantizer state (range learning makes scales parameters).
+QUANTIZER_STATE_MARKERS = (".weight_fake_quantizer.", ".activation_fake_quantizer.")
+
+
+def module_of(key: str) -> str:
+    """``layers.0.attention.wq.weight`` → ``layers.0.attention.wq``."""
+    return key.rsplit(".", 1)[0] if "." in key else ""
+
+
+def leaf_of(module: str) -> str:
+    """``layers.0.attention.wq`` → ``wq``."""
+    return module.rsplit(".", 1)[-1]
+
+
+def is_quantizer_state(key: str) -> bool:
+    """Whether ``key`` belongs to a fake quantizer (learned scales / zero points)."""
+    return any(marker in key for marker in QUANTIZER_STATE_MARKERS)
+
+
+def target_weight_keys(state_dict: dict[str, Any], targets: Iterable[str]) -> list[str]:
+    """Keys of the 2-D ``.weight`` entries whose module leaf name is a target."""
+    wanted = set(targets)
+    out = []
+    for key, value in state_dict.items():
+        if not key.endswith(WEIGHT_SUFFIX) or is_quantizer_state(key):
+            continue
+        if leaf_of(module_of(key)) in wanted and getattr(value, "ndim", 0) == 2:
+            out.append(key)
+    return out
+
+
+def full_tensor(value: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (a collective on its mesh); plain tensors as they are."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, DTensor):
+        return value.full_tensor()
+    return value
+
+
+def compressed_entries(
+    module: str,
+    weight: torch.Tensor,
+    scheme: Scheme,
+    group_size: int,
+    learned_scale: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The compressed-tensors entries of one linear (new tensors, plain, on CPU)."""
+    weight = full_tensor(weight).detach()
+    if learned_scale is not None:
+        learned_scale = full_tensor(learned_scale).detach()
+    quantized = quantize_weight(weight, scheme, group_size, scale=learned_scale)
+    scale = quantized.scale.to("cpu")
+    if scheme.packed:
+        return {
+            f"{module}.weight_packed": pack_int32(quantized.values.to("cpu"), scheme.weight_bits),
+            f"{module}.weight_scale": scale,
+            f"{module}.weight_shape": torch.tensor(list(weight.shape), dtype=torch.int64),
+        }
+    return {
+        f"{module}.weight": quantized.values.to("cpu"),
+        f"{module}.weight_scale": scale,
+    }
+
+
+def quantize_state_dict(
+    state_dict: dict[str, Any], scheme: Scheme, group_size: int, targets: Iterable[str]
+) -> tuple[dict[str, Any], list[str]]:
+    """Replace every targeted weight by its compressed entries.
+
+    Returns the new state dict (input order kept; fake-quantizer state dropped)
+    and the module names that were quantized. The input dict and its tensors are
+    not modified.
+    """
+    keys = set(target_weight_keys(state_dict, targets))
+    out: dict[str, Any] = {}
+    modules = []
+    for key, value in state_dict.items():
+        if is_quantizer_state(key):
+            continue
+        if key in keys:
+            module = module_of(key)
+            learned = state_dict.get(f"{module}.weight_fake_quantizer.scale")
+            out.update(compressed_entries(module, value, scheme, group_size, learned))
+            modules.append(module)
+        else:
+            out[key] = value
+    return out, modules
