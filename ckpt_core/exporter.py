@@ -1,0 +1,234 @@
+"""Export and HF load orchestration: content from the transforms, bytes from storage.
+
+Called on every rank (each function is collective when a process group is
+initialized) by the manager, ``ckpt convert`` and user code:
+
+* :func:`write_export`: the export view as an HF folder (``fmt="hf"``) or a
+  model-only DCP checkpoint (``fmt="dcp"``), written under a temporary name,
+  committed by rename and described by ``manifest.json`` (kind ``"export"``).
+* :func:`load_hf`: an HF safetensors folder (``"hf"``) or fp8 block-quantized
+  one (``"hf_quantized"``) into the model's non-converter keys; each rank reads
+  only its own shards.
+* :func:`load_additional`: one converter's keys from its own format (a PEFT
+  adapter folder); partial by nature, returns what it did not find.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ckpt_core.adapter import StateDictAdapter
+from ckpt_core.errors import ConfigError
+from ckpt_core.plugins import Converters
+from ckpt_core.storage import layout
+from ckpt_core.transforms import StateDictTransforms, parse_dtype
+
+logger = logging.getLogger(__name__)
+
+EXPORT_FORMATS = ("hf", "dcp")
+LOAD_FORMATS = ("hf", "hf_quantized")
+
+
+def _dist() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _broadcast_error(message: str | None) -> str | None:
+    """Rank 0's error message (or ``None``) on every rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return message
+    box = [message]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def tmp_path_for(final_path: str) -> str:
+    """The temporary folder beside ``final_path`` (``.tmp-step-N`` for ``step-N``)."""
+    final_path = final_path.rstrip("/")
+    parent, _, name = (
+        final_path.rpartition("/")
+        if layout.is_uri(final_path)
+        else (
+            os.path.dirname(final_path),
+            "",
+            os.path.basename(final_path),
+        )
+    )
+    if name.startswith(layout.STEP_PREFIX) and name[len(layout.STEP_PREFIX) :].isdigit():
+        return layout.tmp_step_dir(parent or ".", int(name[len(layout.STEP_PREFIX) :]))
+    return layout.join(parent or ".", f".tmp-{name}")
+
+
+def write_export(
+    wrapper: Any,
+    final_path: str,
+    *,
+    fmt: str,
+    dtype: str | torch.dtype | None,
+    sd_adapter: StateDictAdapter | None,
+    converters: Converters | None = None,
+    step: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Write the model's export view to ``final_path`` (collective on every rank).
+
+    ``fmt``: ``"hf"`` (safetensors folder that transformers loads) or ``"dcp"``
+    (model-only DCP, keys ``model.<fqn>``). ``dtype``: floating tensors are cast
+    to it (``None`` keeps them). Refuses an existing ``final_path``.
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"export format {fmt!r} is not supported; allowed: {EXPORT_FORMATS}.")
+    target = parse_dtype(dtype)
+    converters = converters if converters is not None else wrapper.converters
+    transforms = StateDictTransforms(sd_adapter, converters)
+    rank, world = _dist()
+    tmp = tmp_path_for(final_path)
+    error = None
+    if rank == 0:
+        if layout.exists(final_path):
+            error = f"{final_path} already exists; refusing to overwrite an export."
+        else:
+            layout.remove_tree(tmp)  # leftovers of a crashed export
+            layout.makedirs(tmp)
+    error = _broadcast_error(error)
+    if error:
+        raise FileExistsError(error)
+
+    if fmt == "hf":
+        from ckpt_core.storage.hf_writer import write_hf_folder
+
+        groups = transforms.export_groups(wrapper)
+        config = transforms.hf_config(target, groups)
+        known = write_hf_folder(
+            tmp, groups, dtype=target, config=config, is_writer=rank == 0, progress=progress
+        )
+    else:
+        known = _write_dcp(tmp, transforms.export_view(wrapper, target))
+    _barrier()
+    if rank == 0:
+        _write_manifest(tmp, known, step, world, converters, sd_adapter)
+        layout.commit(tmp, final_path)
+    _barrier()
+    logger.info("exported %s (%s, %s) to %s", "model", fmt, dtype or "as trained", final_path)
+
+
+def _write_dcp(folder: str, state_dict: dict[str, Any]) -> dict[str, tuple[int, str]]:
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        from ckpt_core.storage.dcp_io import storage_writer, written_checksums
+    except ImportError:  # the manager's storage module is optional here
+        writer = dcp.FileSystemWriter(layout.filesystem(folder)[1], sync_files=True)
+        dcp.save({"model": state_dict}, storage_writer=writer)
+        return {}
+    writer = storage_writer(folder)
+    dcp.save({"model": state_dict}, storage_writer=writer)
+    return written_checksums(writer)
+
+
+def _write_manifest(
+    folder: str,
+    known: dict[str, tuple[int, str]],
+    step: int | None,
+    world: int,
+    converters: Converters | None,
+    sd_adapter: StateDictAdapter | None,
+) -> None:
+    try:
+        from ckpt_core.storage import manifest
+    except ImportError:
+        logger.warning("ckpt_core.storage.manifest is not available; export has no manifest")
+        return
+    data = manifest.build(
+        kind="export",
+        step=step if step is not None else -1,
+        files=manifest.file_entries(folder, known),
+        world_size=world,
+        converters=converters.describe() if converters else [],
+        model=(sd_adapter.describe() or None) if sd_adapter is not None else None,
+    )
+    manifest.write(folder, data)
+
+
+def load_hf(
+    wrapper: Any,
+    path: str,
+    *,
+    fmt: str = "hf",
+    sd_adapter: StateDictAdapter | None,
+    converters: Converters | None = None,
+) -> None:
+    """Load an HF folder into every key no converter owns (collective-free, per rank).
+
+    Containers come from the live state dict through ``to_hf``: with FSDP2 each
+    rank fills only its own shards. A key the folder lacks is an error.
+    """
+    from ckpt_core.storage.hf_reader import read_into
+
+    if fmt not in LOAD_FORMATS:
+        raise ConfigError(
+            f"initial_load.format {fmt!r} is not an HF format; allowed: {LOAD_FORMATS}."
+        )
+    converters = converters if converters is not None else wrapper.converters
+    transforms = StateDictTransforms(sd_adapter, converters)
+    containers = transforms.base_containers(wrapper.state_dict("full"))
+    read_into(containers, path, quantized=fmt == "hf_quantized", strict=True)
+    wrapper.load_state_dict(transforms.sd_adapter.from_hf(containers), strict=False)
+    logger.info("loaded %d tensors from %s (%s)", len(containers), path, fmt)
+
+
+def load_additional(
+    wrapper: Any,
+    path: str,
+    *,
+    converter: str,
+    sd_adapter: StateDictAdapter | None,
+    converters: Converters | None,
+) -> list[str]:
+    """Load one converter's keys from its own format at ``path``; returns native keys not found.
+
+    ``path`` may be the converter's folder itself or an export holding it in the
+    adapter's ``subfolder``.
+    """
+    from ckpt_core.storage.hf_reader import read_into
+
+    converters = converters if converters is not None else wrapper.converters
+    transforms = StateDictTransforms(sd_adapter, converters)
+    adapter, names, containers = transforms.owned_containers(wrapper.state_dict("full"), converter)
+    folder = path
+    if adapter.subfolder and layout.exists(layout.join(path, adapter.subfolder)):
+        folder = layout.join(path, adapter.subfolder)
+    missing_hf = set(read_into(containers, folder, strict=False))
+    found = {k: v for k, v in containers.items() if k not in missing_hf}
+    if found:
+        wrapper.load_state_dict(adapter.from_hf(found), strict=False)
+    missing = sorted(k for k, hf in names.items() if any(n in missing_hf for n in hf))
+    if missing:
+        logger.warning(
+            "additional load of %r from %s: %d keys not found: %s",
+            converter,
+            folder,
+            len(missing),
+            missing[:10],
+        )
+    if not names:
+        logger.warning("additional load of %r: the model has no keys it owns", converter)
+    return missing

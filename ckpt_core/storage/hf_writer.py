@@ -1,0 +1,282 @@
+"""Writing Hugging Face safetensors folders tensor by tensor through one reused buffer.
+
+Every rank calls :func:`write_hf_folder` with the same groups in the same
+order. Tensor by tensor, a DTensor is gathered with ``full_tensor()`` (a
+collective) and the writing rank casts it into a reused write buffer and
+streams the bytes to the file; so peak extra memory is one gathered tensor
+plus the buffer, never a second copy of the model. Headers are planned from
+shapes and dtypes before any data, which lets each file be written in one
+pass. Integer and float8 tensors are written as they are (DCP's consolidation
+in torch 2.13 calls ``torch.finfo`` on them and fails; nothing here does).
+
+Files: ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` plus
+``model.safetensors.index.json`` listing exactly the keys written, each with
+``{"format": "pt"}`` metadata; ``config.json``; and for adapters with a
+``subfolder``, ``<subfolder>/<file_name()>`` and their ``extra_files()``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+import zlib
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ckpt_core.storage import layout
+from ckpt_core.storage.manifest import crc32_hex
+from ckpt_core.transforms import HFGroup, cast_dtype
+
+logger = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+DEFAULT_BUFFER_BYTES = 64 * 1024**2
+
+_ST_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.uint16: "U16",
+    torch.uint32: "U32",
+    torch.uint64: "U64",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+
+
+@dataclass
+class _Entry:
+    name: str
+    tensor: Any
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * self.dtype.itemsize
+
+
+def _plan(tensors: dict[str, Any], target: torch.dtype | None) -> list[_Entry]:
+    """Entries to write; tensors that alias an earlier one are written once."""
+    from torch.distributed.tensor import DTensor
+
+    seen_objects: set[int] = set()
+    seen_storage: dict[tuple, str] = {}
+    entries = []
+    for name, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name!r} is a {type(value).__name__}; safetensors holds tensors.")
+        if id(value) in seen_objects:
+            logger.info("%s shares memory with a tensor already written; skipped", name)
+            continue
+        seen_objects.add(id(value))
+        if not isinstance(value, DTensor) and value.numel() > 0 and value.device.type != "meta":
+            ident = (
+                value.untyped_storage().data_ptr(),
+                value.storage_offset(),
+                tuple(value.shape),
+                value.stride(),
+            )
+            if ident in seen_storage:
+                logger.info("%s shares memory with %s; skipped", name, seen_storage[ident])
+                continue
+            seen_storage[ident] = name
+        if value.dtype not in _ST_DTYPES and cast_dtype(value.dtype, target) not in _ST_DTYPES:
+            raise TypeError(f"{name!r}: dtype {value.dtype} cannot be stored in safetensors.")
+        entries.append(_Entry(name, value, cast_dtype(value.dtype, target), tuple(value.shape)))
+    return entries
+
+
+def _split(entries: list[_Entry], max_bytes: int) -> list[list[_Entry]]:
+    files: list[list[_Entry]] = [[]]
+    size = 0
+    for e in entries:
+        if files[-1] and size + e.nbytes > max_bytes:
+            files.append([])
+            size = 0
+        files[-1].append(e)
+        size += e.nbytes
+    return files
+
+
+def _header(entries: list[_Entry]) -> bytes:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for e in entries:
+        header[e.name] = {
+            "dtype": _ST_DTYPES[e.dtype],
+            "shape": list(e.shape),
+            "data_offsets": [offset, offset + e.nbytes],
+        }
+        offset += e.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class _Sink:
+    """A binary file being written, with a running CRC-32 computed beside the write."""
+
+    def __init__(self, path: str, pool: ThreadPoolExecutor) -> None:
+        fs, inner = layout.filesystem(path)
+        self.file = open(inner, "wb", buffering=0) if fs is None else fs.open(inner, "wb")
+        self.pool, self.crc, self.size = pool, 0, 0
+
+    def write(self, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        future = self.pool.submit(zlib.crc32, view, self.crc)
+        done = 0
+        while done < view.nbytes:
+            n = self.file.write(view[done:])
+            done += view.nbytes - done if n is None else n
+        self.crc = future.result()
+        self.size += view.nbytes
+
+    def close(self) -> tuple[int, str]:
+        self.file.close()
+        return self.size, crc32_hex(self.crc)
+
+
+class _Buffer:
+    """One reused byte buffer that tensors are cast into, chunk by chunk."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self.data: torch.Tensor | None = None
+
+    def write_tensor(self, sink: _Sink, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+        flat = tensor.detach().reshape(-1)
+        if flat.numel() == 0:
+            return
+        if flat.dtype == dtype and flat.device.type == "cpu" and flat.is_contiguous():
+            sink.write(flat.view(torch.uint8).numpy())
+            return
+        if self.data is None:
+            self.data = torch.empty(self.nbytes, dtype=torch.uint8)
+        step = max(1, self.nbytes // dtype.itemsize)
+        for start in range(0, flat.numel(), step):
+            chunk = flat[start : start + step]
+            out = self.data[: chunk.numel() * dtype.itemsize].view(dtype)
+            out.copy_(chunk)
+            sink.write(out.view(torch.uint8).numpy())
+
+
+def _gather(value: Any) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def _write_file(
+    path: str,
+    entries: list[_Entry],
+    buffer: _Buffer,
+    pool: ThreadPoolExecutor | None,
+    progress: Callable[[int], None] | None,
+) -> tuple[int, str] | None:
+    """Write one safetensors file (on the writing rank; others only gather)."""
+    sink = _Sink(path, pool) if pool is not None else None
+    if sink is not None:
+        sink.write(_header(entries))
+    for e in entries:
+        full = _gather(e.tensor)
+        if sink is not None:
+            buffer.write_tensor(sink, full, e.dtype)
+        del full
+        if progress is not None:
+            progress(e.nbytes)
+    return sink.close() if sink is not None else None
+
+
+def _write_json(path: str, obj: Any) -> tuple[int, str]:
+    return _write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode() + b"\n")
+
+
+def _write_bytes(path: str, data: bytes) -> tuple[int, str]:
+    fs, inner = layout.filesystem(path)
+    with open(inner, "wb") if fs is None else fs.open(inner, "wb") as f:
+        f.write(data)
+    return len(data), crc32_hex(zlib.crc32(data))
+
+
+def total_bytes(groups: Iterable[HFGroup], target: torch.dtype | None) -> int:
+    """Bytes of tensor data an export of ``groups`` writes."""
+    return sum(e.nbytes for g in groups for e in _plan(g.tensors, target))
+
+
+def write_hf_folder(
+    folder: str,
+    groups: list[HFGroup],
+    *,
+    dtype: torch.dtype | None,
+    config: dict[str, Any] | None,
+    is_writer: bool,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, tuple[int, str]]:
+    """Write the groups as an HF folder into existing ``folder`` (collective).
+
+    Returns ``relative path → (size, crc32)`` of the files written (on the
+    writing rank; other ranks return ``{}``).
+    """
+    written: dict[str, tuple[int, str]] = {}
+    buffer = _Buffer(buffer_bytes)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-crc") if is_writer else None
+    try:
+        for group in groups:
+            entries = _plan(group.tensors, dtype)
+            if group.subfolder is None:
+                files = _split(entries, max_shard_bytes)
+                names = (
+                    ["model.safetensors"]
+                    if len(files) == 1
+                    else [
+                        f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+                        for i in range(len(files))
+                    ]
+                )
+                sub = ""
+            else:
+                files, names = [entries], [group.adapter.file_name()]
+                sub = group.subfolder.strip("/") + "/"
+                if is_writer:
+                    layout.makedirs(layout.join(folder, group.subfolder))
+            for name, part in zip(names, files):
+                result = _write_file(layout.join(folder, sub + name), part, buffer, pool, progress)
+                if result is not None:
+                    written[sub + name] = result
+            if not is_writer:
+                continue
+            if group.subfolder is None and len(files) > 1:
+                index = {
+                    "metadata": {"total_size": sum(e.nbytes for e in entries)},
+                    "weight_map": {e.name: n for n, part in zip(names, files) for e in part},
+                }
+                written[INDEX_NAME] = _write_json(layout.join(folder, INDEX_NAME), index)
+            if group.subfolder is not None:
+                for extra, content in group.adapter.extra_files().items():
+                    data = content.encode() if isinstance(content, str) else bytes(content)
+                    written[sub + extra] = _write_bytes(layout.join(folder, sub + extra), data)
+        if is_writer and config is not None:
+            written["config.json"] = _write_json(layout.join(folder, "config.json"), config)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return written
