@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ckpt_plugins_qat.adapter import quantization_config
+from ckpt_plugins_qat.config import DEFAULT_TARGETS
+from ckpt_plugins_qat.schemes import SCHEMES
 from torch import nn
 
 from ckpt_core import Converters, ModelWrapper
 from ckpt_core.errors import ConfigError
 from ckpt_core.reference import LlamaStateDictAdapter, build_model
 from ckpt_plugins_qat import QATConverter
-from ckpt_plugins_qat.adapter import quantization_config
-from ckpt_plugins_qat.config import DEFAULT_TARGETS
-from ckpt_plugins_qat.schemes import SCHEMES
 
 FakeQuantizedLinear = pytest.importorskip("torchao.quantization.qat").FakeQuantizedLinear
 
@@ -106,8 +106,9 @@ def test_unknown_target_lists_the_model_linears():
     ],
 )
 def test_invalid_options_are_config_errors_naming_the_option(options, fragment):
-    from ckpt_core.plugins import format_validation_error
     from pydantic import ValidationError
+
+    from ckpt_core.plugins import format_validation_error
 
     with pytest.raises(ValidationError) as err:
         QATConverter.Config(**options)

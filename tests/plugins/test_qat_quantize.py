@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from ckpt_plugins_qat.quantize import pack_int32, quantize_weight, unpack_int32
 from ckpt_plugins_qat.schemes import SCHEMES
 
