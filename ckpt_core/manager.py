@@ -174,7 +174,12 @@ class CheckpointManager:
         folder = self.config.folder
         tmp, final = layout.tmp_step_dir(folder, step), layout.step_dir(folder, step)
         writer = storage_writer(tmp)
-        dcp.save(state, storage_writer=writer, process_group=self.process_group)
+        dcp.save(
+            state,
+            storage_writer=writer,
+            process_group=self.process_group,
+            no_dist=self.process_group is None,
+        )
         records = written_checksums(writer)
         if self.world_size > 1:
             gathered: list[Any] = [None] * self.world_size

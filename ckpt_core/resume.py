@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
@@ -188,6 +189,7 @@ def dcp_load(
         storage_reader=storage_reader(path),
         planner=SafeLoadPlanner(),
         process_group=process_group,
+        no_dist=not (dist.is_available() and dist.is_initialized()),
     )
     for name, obj in states.items():
         if hasattr(obj, "load_state_dict"):

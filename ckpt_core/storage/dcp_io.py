@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,12 @@ from typing import Any
 
 from ckpt_core.storage import layout
 from ckpt_core.storage.manifest import crc32_hex
+
+# A single-process save/load (no process group) is a supported use here, not a mistake:
+# DCP warns about it on every call, so silence exactly that message.
+warnings.filterwarnings(
+    "ignore", message="torch.distributed is disabled, unavailable or uninitialized"
+)
 
 _PARALLEL_CRC_MIN = 1 << 20
 _CRC_POOL: ThreadPoolExecutor | None = None

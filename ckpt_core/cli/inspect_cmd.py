@@ -1,0 +1,202 @@
+"""``ckpt inspect PATH``: steps, states, tensors, shapes, dtypes, bytes, manifest.
+
+PATH is a folder of ``step-<N>`` folders (lists them, then shows the newest or
+``--step N``), a DCP step folder, or a safetensors folder (an HF export). DCP
+metadata is read with the restricted unpickler, so inspecting an untrusted
+checkpoint runs no code from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+HELP = "show a checkpoint's steps, states, tensors (shape, dtype, bytes) and manifest"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="a checkpoint folder, a step folder, or an export (or URI)")
+    parser.add_argument("--step", type=int, default=None, help="which step of a folder to show")
+    parser.add_argument("--limit", type=int, default=50, help="tensors to list (0: all)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead")
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def list_steps(folder: str) -> list[dict[str, Any]]:
+    """Committed steps and leftover temporary folders, with their state."""
+    from ckpt_core.storage import layout, manifest
+
+    rows = []
+    for s in layout.committed_steps(folder):
+        path = layout.step_dir(folder, s)
+        found = manifest.read(path)
+        problems = manifest.check_sizes(path, found)
+        rows.append(
+            {
+                "step": s,
+                "status": "ok" if not problems else "no manifest" if found is None else "damaged",
+                "bytes": manifest.total_bytes(found) if found else None,
+            }
+        )
+    for name in layout.listdir(folder):
+        if name.startswith(layout.TMP_PREFIX):
+            rows.append({"step": name, "status": "uncommitted (ignored)", "bytes": None})
+    return rows
+
+
+def describe_dcp(folder: str) -> dict[str, Any]:
+    """States and tensors of a DCP step folder, from its ``.metadata``."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from ckpt_core.storage.safe_metadata import read_metadata
+
+    metadata = read_metadata(folder)
+    tensors, states = [], {}
+    for key, meta in sorted(metadata.state_dict_metadata.items()):
+        state = key.split(".", 1)[0]
+        info = states.setdefault(state, {"entries": 0, "bytes": 0})
+        info["entries"] += 1
+        if isinstance(meta, TensorStorageMetadata):
+            numel = 1
+            for d in meta.size:
+                numel *= d
+            nbytes = numel * meta.properties.dtype.itemsize
+            info["bytes"] += nbytes
+            tensors.append(
+                {
+                    "key": key,
+                    "shape": list(meta.size),
+                    "dtype": str(meta.properties.dtype).replace("torch.", ""),
+                    "bytes": nbytes,
+                    "chunks": len(meta.chunks),
+                }
+            )
+        else:
+            tensors.append({"key": key, "shape": None, "dtype": "object", "bytes": None})
+    return {"format": "dcp", "states": states, "tensors": tensors}
+
+
+def describe_safetensors(folder: str) -> dict[str, Any]:
+    """Tensors of every ``*.safetensors`` file under a local folder (headers only)."""
+    import os
+
+    from safetensors import safe_open
+
+    tensors = []
+    for root, _dirs, files in os.walk(folder):
+        for name in sorted(files):
+            if not name.endswith(".safetensors"):
+                continue
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder)
+            with safe_open(path, "pt") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    shape = list(sl.get_shape())
+                    dtype = sl.get_dtype()
+                    numel = 1
+                    for d in shape:
+                        numel *= d
+                    tensors.append({"key": f"{rel}:{key}", "shape": shape, "dtype": dtype})
+    return {"format": "safetensors", "states": {}, "tensors": tensors}
+
+
+def inspect_path(path: str, step: int | None = None) -> dict[str, Any]:
+    """Everything ``ckpt inspect`` prints, as a dict."""
+    from ckpt_core.errors import CheckpointError
+    from ckpt_core.storage import layout, manifest
+
+    out: dict[str, Any] = {"path": path}
+    target = path
+    if not layout.exists(layout.join(path, ".metadata")) and not layout.exists(
+        layout.join(path, manifest.MANIFEST_NAME)
+    ):
+        out["steps"] = list_steps(path)
+        committed = layout.committed_steps(path)
+        if step is None and committed:
+            step = committed[-1]
+        if step is not None:
+            if step not in committed:
+                raise CheckpointError(f"{path} has no committed step {step}: {committed}")
+            target = layout.step_dir(path, step)
+    out["shown"] = target
+    out["manifest"] = manifest.read(target)
+    if layout.exists(layout.join(target, ".metadata")):
+        out.update(describe_dcp(target))
+    elif not layout.is_uri(target) and any(
+        n.endswith(".safetensors") for n in layout.listdir(target)
+    ):
+        out.update(describe_safetensors(layout.filesystem(target)[1]))
+    elif "steps" not in out or out["steps"]:
+        raise CheckpointError(f"{target} holds no DCP .metadata and no safetensors files.")
+    return out
+
+
+def _print(info: dict[str, Any], limit: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if "steps" in info:
+        table = Table(title=f"steps in {info['path']}")
+        for col in ("step", "status", "size"):
+            table.add_column(col)
+        for row in info["steps"]:
+            size = _human(row["bytes"]) if row["bytes"] is not None else "-"
+            table.add_row(str(row["step"]), row["status"], size)
+        console.print(table)
+    man = info.get("manifest")
+    console.print(f"[bold]{info['shown']}[/bold]")
+    if man:
+        model = man.get("model") or {}
+        console.print(
+            f"  kind {man.get('kind')}, step {man.get('step')}, world size "
+            f"{man.get('world_size')}, mesh {man.get('mesh')}"
+        )
+        console.print(f"  converters {json.dumps(man.get('converters'))}")
+        console.print(f"  model adapter {model.get('adapter')}, versions {man.get('versions')}")
+        console.print(
+            f"  files {len(man['files'])}, {_human(manifest_bytes(man))} (checksums {_algo(man)})"
+        )
+    else:
+        console.print("  no manifest.json")
+    for state, s in info.get("states", {}).items():
+        console.print(f"  state {state}: {s['entries']} entries, {_human(s['bytes'])} of tensors")
+    tensors = info.get("tensors", [])
+    shown = tensors if limit <= 0 else tensors[:limit]
+    if shown:
+        table = Table(title=f"tensors ({len(shown)} of {len(tensors)})")
+        for col in ("key", "shape", "dtype", "bytes"):
+            table.add_column(col)
+        for t in shown:
+            size = _human(t["bytes"]) if t.get("bytes") is not None else "-"
+            shape = "-" if t["shape"] is None else str(t["shape"])
+            table.add_row(t["key"], shape, t["dtype"], size)
+        console.print(table)
+
+
+def manifest_bytes(man: dict[str, Any]) -> int:
+    return sum(int(e["size"]) for e in man["files"].values())
+
+
+def _algo(man: dict[str, Any]) -> str:
+    algos = {str(e.get("checksum", "")).split(":")[0] for e in man["files"].values()}
+    return ", ".join(sorted(algos)) or "none"
+
+
+def run(args: argparse.Namespace, extra: list[str]) -> int:
+    info = inspect_path(args.path, args.step)
+    if args.json:
+        print(json.dumps(info, indent=1, default=str))
+    else:
+        _print(info, args.limit)
+    return 0

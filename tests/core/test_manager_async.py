@@ -1,0 +1,107 @@
+"""Async saves: staged weights, one save at a time, errors surface, pinned-memory fallback."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import pytest
+import torch
+
+from ckpt_core import async_save
+from ckpt_core.async_save import BufferStager
+from ckpt_core.manager import dcp as manager_dcp
+from ckpt_core.storage import layout
+from tests.core._manager_models import Trainable, assert_same, snapshot
+
+
+@pytest.fixture
+def held_writes(monkeypatch):
+    """Background DCP writes wait until the test releases them (the bytes are real)."""
+    gate = threading.Event()
+    real_save = manager_dcp.save
+
+    def gated_save(*args, **kwargs):
+        assert gate.wait(30), "test never released the background write"
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(manager_dcp, "save", gated_save)
+    return gate
+
+
+def test_an_async_save_holds_exactly_the_weights_of_its_step_while_training_continues(
+    tmp_path, held_writes
+):
+    run = Trainable(folder=str(tmp_path), interval=2, async_mode="async", dim=64)
+    expected = {}
+    for step in range(1, 6):
+        run.step()
+        if run.manager.save(step):
+            expected[step] = snapshot(run.model)
+            assert run.manager._async.in_flight  # the write has not started yet
+        if step == 3:
+            held_writes.set()  # step 2 is written while step 3's weights are live
+    run.manager.close()
+    assert layout.committed_steps(str(tmp_path)) == [2, 4]
+    for step, weights in expected.items():
+        loaded = Trainable(seed=7, folder=str(tmp_path), dim=64)
+        loaded.manager.load(step)
+        assert_same(snapshot(loaded.model), weights)  # step 4 is not step 2's staged copy
+
+
+def test_each_async_save_waits_for_the_previous_one(tmp_path, held_writes):
+    run = Trainable(folder=str(tmp_path), interval=1, async_mode="async")
+    run.manager.save(1)
+    assert layout.committed_steps(str(tmp_path)) == []
+    threading.Timer(0.2, held_writes.set).start()
+    run.manager.save(2)  # blocks until step 1 is committed
+    assert layout.committed_steps(str(tmp_path)) == [1]
+    run.manager.close()
+    assert layout.committed_steps(str(tmp_path)) == [1, 2]
+
+
+def test_the_last_step_is_saved_synchronously(tmp_path):
+    run = Trainable(folder=str(tmp_path), interval=10, async_mode="async")
+    assert run.manager.save(3, last_step=True)
+    assert layout.committed_steps(str(tmp_path)) == [3]
+    assert not run.manager._async.in_flight
+    run.manager.close()
+
+
+def test_close_reraises_a_background_error(tmp_path, monkeypatch):
+    run = Trainable(folder=str(tmp_path), interval=1, async_mode="async")
+
+    def failing_commit(tmp, final, fsync=True):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(layout, "commit", failing_commit)
+    run.manager.save(1)
+    with pytest.raises(OSError, match="disk full"):
+        run.manager.close()
+    assert layout.committed_steps(str(tmp_path)) == []
+
+
+def test_pinned_memory_mode_without_cuda_says_so_once_and_saves(tmp_path, caplog, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: pinned staging really runs")
+    monkeypatch.setattr(async_save, "_warned_no_cuda", False)
+    with caplog.at_level(logging.WARNING, logger="ckpt_core.async_save"):
+        a = Trainable(folder=str(tmp_path / "a"), interval=1, async_mode="async_with_pinned_mem")
+        b = Trainable(folder=str(tmp_path / "b"), interval=1, async_mode="async_with_pinned_mem")
+    assert sum("needs CUDA" in r.getMessage() for r in caplog.records) == 1
+    a.manager.save(1)
+    a.manager.close()
+    b.manager.close()
+    assert layout.committed_steps(str(tmp_path / "a")) == [1]
+
+
+def test_the_stager_reuses_its_buffers_and_copies_current_values():
+    stager = BufferStager()
+    weight = torch.zeros(4, 4)
+    first = stager.stage({"model": {"w": weight}, "step": 1})
+    weight.add_(1.0)
+    second = stager.stage({"model": {"w": weight}, "step": 2})
+    assert second["model"]["w"].data_ptr() == first["model"]["w"].data_ptr()
+    assert torch.equal(second["model"]["w"], torch.ones(4, 4))
+    assert second["model"]["w"].data_ptr() != weight.data_ptr()
+    assert second["step"] == 2
