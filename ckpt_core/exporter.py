@@ -87,12 +87,15 @@ def write_export(
     converters: Converters | None = None,
     step: int | None = None,
     progress: Callable[[int], None] | None = None,
+    max_shard_bytes: int | None = None,
 ) -> None:
     """Write the model's export view to ``final_path`` (collective on every rank).
 
     ``fmt``: ``"hf"`` (safetensors folder that transformers loads) or ``"dcp"``
     (model-only DCP, keys ``model.<fqn>``). ``dtype``: floating tensors are cast
     to it (``None`` keeps them). Refuses an existing ``final_path``.
+    ``progress(nbytes)`` is called as HF tensors are written; ``max_shard_bytes``
+    caps each HF safetensors file (default 5 GiB).
     """
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"export format {fmt!r} is not supported; allowed: {EXPORT_FORMATS}.")
@@ -113,12 +116,18 @@ def write_export(
         raise FileExistsError(error)
 
     if fmt == "hf":
-        from ckpt_core.storage.hf_writer import write_hf_folder
+        from ckpt_core.storage.hf_writer import DEFAULT_MAX_SHARD_BYTES, write_hf_folder
 
         groups = transforms.export_groups(wrapper)
         config = transforms.hf_config(target, groups)
         known = write_hf_folder(
-            tmp, groups, dtype=target, config=config, is_writer=rank == 0, progress=progress
+            tmp,
+            groups,
+            dtype=target,
+            config=config,
+            is_writer=rank == 0,
+            progress=progress,
+            max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES,
         )
     else:
         known = _write_dcp(tmp, transforms.export_view(wrapper, target))

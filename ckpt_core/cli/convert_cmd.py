@@ -1,0 +1,236 @@
+"""``ckpt convert SRC DST --to hf|dcp``: offline conversion through the export pipeline.
+
+One process reads a source written on any number of ranks:
+
+* an HF folder (``config.json`` + safetensors): the architecture comes from
+  ``config.json`` through the model-family registry (:mod:`ckpt_core.adapters`);
+  fp8 block-quantized folders are dequantized;
+* a DCP checkpoint or export (``.metadata``): the architecture comes from its
+  manifest's ``model`` entry, or from ``--model`` when it has none;
+* a checkpoint folder of ``step-<N>`` folders: the latest step (or ``--step``).
+
+The model is built fresh, the converters are applied (by default those recorded
+in the source's manifest, with their options, so a LoRA checkpoint becomes a
+merged model; ``--converters none`` exports the raw full view), the weights are
+loaded and :func:`ckpt_core.exporter.write_export` writes DST.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+HELP = "convert a checkpoint or export between DCP and Hugging Face formats"
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``ckpt convert``."""
+    parser.add_argument("src", help="source: HF folder, DCP step folder or checkpoint folder")
+    parser.add_argument("dst", help="destination folder (must not exist unless --overwrite)")
+    parser.add_argument("--to", required=True, choices=["hf", "dcp"], help="output format")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="cast floating tensors to this dtype (default: keep each tensor's dtype)",
+    )
+    parser.add_argument(
+        "--converters",
+        default=None,
+        help="comma-separated converters to apply, or 'none' (default: the source manifest's)",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="architecture (flavor name or HF config.json) for a DCP source without manifest",
+    )
+    parser.add_argument("--step", type=int, default=None, help="step of a checkpoint folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    parser.add_argument("--no-progress", action="store_true", help="no progress display")
+
+
+def resolve_source(src: str, step: int | None) -> tuple[str, str]:
+    """``(folder, kind)`` with kind ``"hf"`` or ``"dcp"``; picks a step of a checkpoint folder."""
+    from ckpt_core.errors import CheckpointError
+    from ckpt_core.storage import layout
+
+    if not layout.exists(src):
+        raise CheckpointError(f"convert: source {src} does not exist.")
+    if step is None:
+        if layout.exists(layout.join(src, ".metadata")):
+            return src, "dcp"
+        if layout.exists(layout.join(src, "config.json")):
+            return src, "hf"
+    steps = layout.committed_steps(src)
+    if not steps:
+        raise CheckpointError(
+            f"convert: {src} is neither a DCP checkpoint (.metadata), an HF folder "
+            "(config.json) nor a folder of committed step-<N> folders."
+        )
+    if step is not None and step not in steps:
+        raise CheckpointError(f"convert: --step {step} is not in {src}; committed steps: {steps}.")
+    return resolve_source(layout.step_dir(src, steps[-1] if step is None else step), None)
+
+
+def _converters(arg: str | None, recorded: list[dict[str, Any]] | None) -> Any:
+    from ckpt_core.plugins import Converters
+
+    recorded = recorded or []
+    if arg is None:
+        names = [c["name"] for c in recorded]
+    elif arg.strip().lower() in ("none", ""):
+        names = []
+    else:
+        names = [n.strip() for n in arg.split(",") if n.strip()]
+    options = {c["name"]: c.get("options") or {} for c in recorded if c["name"] in names}
+    return Converters.from_config(names, options)
+
+
+def _architecture(folder: str, kind: str, model_arg: str | None, manifest: dict | None):
+    """``(model family, HF config dict)`` of the source."""
+    from ckpt_core.adapters import family_for_hf_config, model_family
+    from ckpt_core.errors import CheckpointError
+    from ckpt_core.reference import LlamaStateDictAdapter, model_args, read_hf_config
+
+    if model_arg is not None:
+        config = LlamaStateDictAdapter(model_args(model_arg)).hf_config()
+        return model_family("llama"), config
+    if kind == "hf":
+        config = read_hf_config(folder)
+        return family_for_hf_config(config), config
+    entry = (manifest or {}).get("model")
+    if not entry:
+        raise CheckpointError(
+            f"convert: {folder} has no manifest 'model' entry, so its architecture is "
+            "unknown; pass --model (a flavor name or an HF config.json)."
+        )
+    return model_family(entry["adapter"]), entry["config"]
+
+
+def _progress(enabled: bool):
+    import contextlib
+
+    if not enabled:
+        return contextlib.nullcontext(None)
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+
+
+def convert(
+    src: str,
+    dst: str,
+    *,
+    to: str,
+    dtype: str | None = None,
+    converters: str | None = None,
+    model: str | None = None,
+    step: int | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> str:
+    """Convert ``src`` into ``dst``; returns the source folder actually read."""
+    import torch.distributed.checkpoint as dcp
+
+    from ckpt_core.errors import CheckpointError
+    from ckpt_core.exporter import load_hf, write_export
+    from ckpt_core.model_wrapper import ModelWrapper
+    from ckpt_core.storage import layout, manifest
+    from ckpt_core.storage.hf_writer import total_bytes
+    from ckpt_core.transforms import HFGroup, parse_dtype
+
+    if layout.exists(dst) and not overwrite:
+        raise CheckpointError(f"convert: {dst} already exists; pass --overwrite to replace it.")
+    folder, kind = resolve_source(src, step)
+    recorded = manifest.read(folder)
+    family, config = _architecture(folder, kind, model, recorded)
+    default_converters = (recorded or {}).get("converters")
+    if kind == "dcp" and (recorded or {}).get("kind") == "export":
+        default_converters = []  # an export already holds the export view
+    convs = _converters(converters, default_converters)
+    net = family.build_model(config)
+    convs.convert(net)
+    wrapper = ModelWrapper(net, convs)
+    adapter = family.adapter(config)
+    if kind == "hf":
+        quant = (config.get("quantization_config") or {}).get("quant_method")
+        fmt = "hf_quantized" if quant == "fp8" else "hf"
+        load_hf(wrapper, folder, fmt=fmt, sd_adapter=adapter, converters=convs)
+    else:
+        from ckpt_core.storage.dcp_io import storage_reader
+
+        state = wrapper.state_dict("full")
+        dcp.load({"model": state}, storage_reader=storage_reader(folder))
+        wrapper.load_state_dict(state)
+    target = layout.join(dst.rstrip("/") + ".ckpt-convert-new") if overwrite else dst
+    if overwrite:
+        layout.remove_tree(target)
+    with _progress(progress) as bar:
+        callback = None
+        if bar is not None and to == "hf":
+            # Sized from the full view (the export view may differ slightly, e.g. merged LoRA).
+            full = HFGroup(None, None, wrapper.state_dict("full"))
+            task = bar.add_task(f"writing {dst}", total=total_bytes([full], parse_dtype(dtype)))
+            callback = lambda n: bar.advance(task, n)  # noqa: E731
+        write_export(
+            wrapper,
+            target,
+            fmt=to,
+            dtype=dtype,
+            sd_adapter=adapter,
+            converters=convs,
+            step=(recorded or {}).get("step"),
+            progress=callback,
+        )
+    if overwrite:
+        layout.remove_tree(dst)
+        _rename(target, dst)
+    logger.info("converted %s (%s) to %s (%s)", folder, kind, dst, to)
+    return folder
+
+
+def _rename(old: str, new: str) -> None:
+    import os
+
+    from ckpt_core.storage import layout
+
+    fs, inner_old = layout.filesystem(old)
+    _, inner_new = layout.filesystem(new)
+    if fs is None:
+        os.rename(inner_old, inner_new)
+        layout.fsync_dir(os.path.dirname(inner_new) or ".")
+    else:
+        fs.mv(inner_old, inner_new, recursive=True)
+
+
+def run(args: argparse.Namespace, extra: list[str]) -> int:
+    """Run ``ckpt convert``."""
+    folder = convert(
+        args.src,
+        args.dst,
+        to=args.to,
+        dtype=args.dtype,
+        converters=args.converters,
+        model=args.model,
+        step=args.step,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    print(f"converted {folder} -> {args.dst} ({args.to})")
+    return 0
