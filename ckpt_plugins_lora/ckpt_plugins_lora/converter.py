@@ -102,11 +102,18 @@ class LoRAConverter(Converter):
         )
 
     @hookimpl
-    def state_dict_adapter(self, model_adapter: StateDictAdapter | None) -> StateDictAdapter | None:
-        """The PEFT adapter format, unless ``export = "merged"``."""
+    def state_dict_adapter(self, model_adapter: StateDictAdapter | None) -> StateDictAdapter:
+        """The PEFT adapter format.
+
+        With ``export = "merged"`` the adapter has no ``subfolder``: exports then
+        write no adapter folder (the merged transform leaves no factor keys for
+        it), while ``[[checkpoint.additional_load]]`` can still read a PEFT
+        adapter folder (point ``path`` at the folder itself).
+        """
+        adapter = self.peft_adapter(model_adapter)
         if self.config.export == "merged":
-            return None
-        return self.peft_adapter(model_adapter)
+            adapter.subfolder = None
+        return adapter
 
     # -- helpers --------------------------------------------------------------
 

@@ -74,11 +74,11 @@ def test_adapter_config_names_hf_leaves_and_loads_as_a_peft_lora_config(tmp_path
     assert not loaded.use_dora and not loaded.use_rslora and not loaded.fan_in_fan_out
 
 
-def test_export_option_decides_whether_there_is_a_peft_adapter():
-    for export, has_adapter in (("merged", False), ("adapter", True), ("both", True)):
+def test_only_merged_exports_leave_out_the_adapter_folder():
+    for export, subfolder in (("merged", None), ("adapter", "adapter"), ("both", "adapter")):
         _, _, convs = converted(export=export)
-        adapters = convs.state_dict_adapters(ToyLlamaAdapter())
-        assert ("lora" in adapters) is has_adapter, export
+        adapter = convs.state_dict_adapters(ToyLlamaAdapter())["lora"]
+        assert adapter.subfolder == subfolder, export
 
 
 def test_from_hf_rejects_untargeted_modules_and_non_lora_keys():
