@@ -94,11 +94,13 @@ class Purger:
         self.folder = folder
         self.keep_latest_k = keep_latest_k
         self._thread: threading.Thread | None = None
+        self.started = 0  # how many purges this object started (tests: rank 0 only)
 
     def start(self, protected: Iterable[int] = (), in_flight: Iterable[int] = ()) -> None:
         """Start a purge unless one is still running (that one will catch up next time)."""
         if self._thread is not None and self._thread.is_alive():
             return
+        self.started += 1
         self._thread = threading.Thread(
             target=purge,
             args=(self.folder, self.keep_latest_k, tuple(protected), tuple(in_flight)),

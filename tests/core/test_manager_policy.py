@@ -276,3 +276,42 @@ def test_a_committed_step_is_never_overwritten(tmp_path):
     run.step()
     assert run.manager.save(1) is False
     assert (tmp_path / "step-1" / "__0_0.distcp").read_bytes() == before
+
+
+def test_dcp_exports_follow_their_interval_and_start_a_new_run(tmp_path):
+    export = {"folder": str(tmp_path / "export"), "format": "dcp", "dtype": "float32"}
+    run = Trainable(folder=str(tmp_path / "ckpt"), interval=4, export={**export, "interval": 2})
+    weights = {}
+    for step in range(1, 6):
+        run.step()
+        run.manager.save(step, last_step=step == 5)
+        weights[step] = snapshot(run.model)
+    run.manager.close()
+    assert layout.committed_steps(str(tmp_path / "export")) == [2, 4, 5]
+    assert layout.committed_steps(str(tmp_path / "ckpt")) == [4, 5]
+    man = json.loads((tmp_path / "export" / "step-4" / "manifest.json").read_text())
+    assert man["kind"] == "export"
+
+    # An export starts a new run (model only); the export folder is never a resume point.
+    initial = {"path": str(tmp_path / "export"), "format": "dcp"}
+    fresh = Trainable(seed=4, folder=str(tmp_path / "new"), initial_load=initial)
+    assert fresh.manager.load() is True
+    assert_same(snapshot(fresh.model), weights[5])
+    assert fresh.manager.train_state.step == 0
+
+    # A bf16 export loads into an fp32 model (cast on load; dtype differences are allowed
+    # for an initial load, not for a resume).
+    bf16 = Trainable(
+        folder=str(tmp_path / "c2"),
+        interval=9,
+        export={**export, "dtype": "bfloat16", "folder": str(tmp_path / "bf16")},
+    )
+    bf16.manager.save(1, last_step=True)
+    into = Trainable(
+        seed=5,
+        folder=str(tmp_path / "new2"),
+        initial_load={"path": str(tmp_path / "bf16" / "step-1"), "format": "dcp"},
+    )
+    into.manager.load()
+    rounded = {k: v.to(torch.bfloat16).float() for k, v in snapshot(bf16.model).items()}
+    assert_same(snapshot(into.model), rounded)
