@@ -10,16 +10,11 @@ import logging
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 from ckpt_plugins_float8.conversion import float8_gpu_present
 from pydantic import ValidationError
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
 
-from ckpt_core import Converters, ModelWrapper
+from ckpt_core import CheckpointConfig, CheckpointManager, Converters, ModelWrapper
 from ckpt_core.errors import ConfigError
 from ckpt_core.reference import build_model
 from ckpt_plugins_float8 import Float8Converter
@@ -165,71 +160,50 @@ def test_checkpoint_keys_shapes_and_dtypes_match_a_plain_run():
     assert not ModelWrapper(converted, convs).owned_keys()
 
 
-def save_model(model, converters, path) -> dict[str, torch.Tensor]:
-    state = ModelWrapper(model, converters).state_dict("full")
-    dcp.save({"model": state}, checkpoint_id=str(path))
-    return {k: v.detach().clone() for k, v in state.items()}
-
-
-def load_model(model, converters, path) -> None:
-    wrapper = ModelWrapper(model, converters)
-    state = wrapper.state_dict("full")
-    dcp.load({"model": state}, checkpoint_id=str(path))
-    wrapper.load_state_dict(state)
+def run(folder, converters, steps: range, data, seed: int = 0, save: bool = True):
+    """Build a tiny model, resume through CheckpointManager, train ``steps``, save the last."""
+    model = tiny(seed)
+    if converters is not None:
+        converters.convert(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    config = CheckpointConfig(folder=str(folder), interval=1000, export={"enable": False})
+    manager = CheckpointManager(config, model, optimizers=opt, converters=converters)
+    resumed = manager.load()
+    losses = []
+    for step in steps:
+        losses += train(model, opt, [data[step - 1]], converters)
+        if save:
+            manager.save(step, last_step=step == steps[-1])
+    manager.close()
+    return model, losses, resumed
 
 
 @pytest.mark.parametrize("direction", ["float8_to_plain", "plain_to_float8"])
 def test_checkpoint_resumes_with_float8_switched(direction, tmp_path):
-    src_convs = float8() if direction == "float8_to_plain" else None
-    dst_convs = float8() if direction == "plain_to_float8" else None
-    src = tiny()
-    if src_convs:
-        src_convs.convert(src)
-    opt = torch.optim.AdamW(src.parameters(), lr=3e-3)
-    train(src, opt, batches(3))
-    saved = save_model(src, src_convs, tmp_path / "step-3")
+    data = batches(2) * 4
+    first, second = (float8(), None) if direction == "float8_to_plain" else (None, float8())
+    src, _, _ = run(tmp_path, first, range(1, 4), data)
+    saved = {k: v.clone() for k, v in ModelWrapper(src).state_dict("full").items()}
 
-    dst = tiny(seed=123)
-    if dst_convs:
-        dst_convs.convert(dst)
-    load_model(dst, dst_convs, tmp_path / "step-3")
-    loaded = ModelWrapper(dst, dst_convs).state_dict("full")
-    for key, value in saved.items():
-        assert torch.equal(loaded[key], value), key
-    # The restored run keeps training (and learning) in its own precision.
-    losses = train(dst, torch.optim.AdamW(dst.parameters(), lr=3e-3), batches(2) * 4)
+    dst, losses, resumed = run(tmp_path, second, range(4, 9), data, seed=123, save=False)
+    assert resumed
+    # Step 4 trained from exactly the saved weights (and optimizer moments).
+    ref = tiny(seed=9)
+    if second is not None:
+        float8().convert(ref)
+    opt = torch.optim.AdamW(ref.parameters(), lr=3e-3)
+    ModelWrapper(ref).load_state_dict(saved)
+    assert losses[0] == train(ref, opt, [data[3]])[0]
     assert losses[-1] < losses[0]
+    assert set(ModelWrapper(dst).state_dict("full")) == set(saved)
 
 
 def test_float8_save_and_resume_continue_bit_exactly(tmp_path):
     data = batches(6)
-    ref = tiny()
-    convs = float8()
-    convs.convert(ref)
-    ref_opt = torch.optim.AdamW(ref.parameters(), lr=3e-3)
-    expected = train(ref, ref_opt, data)
-
-    first = tiny()
-    convs1 = float8()
-    convs1.convert(first)
-    opt1 = torch.optim.AdamW(first.parameters(), lr=3e-3)
-    train(first, opt1, data[:3])
-    state = {
-        "model": ModelWrapper(first, convs1).state_dict("full"),
-        "optimizer": get_optimizer_state_dict(first, opt1),
-    }
-    dcp.save(state, checkpoint_id=str(tmp_path / "step-3"))
-
-    resumed = tiny(seed=7)
-    convs2 = float8()
-    convs2.convert(resumed)
-    opt2 = torch.optim.AdamW(resumed.parameters(), lr=3e-3)
-    wrapper = ModelWrapper(resumed, convs2)
-    state = {
-        "model": wrapper.state_dict("full"),
-        "optimizer": get_optimizer_state_dict(resumed, opt2),
-    }
-    dcp.load(state, checkpoint_id=str(tmp_path / "step-3"))
-    wrapper.load_state_dict(state["model"])
-    set_optimizer_state_dict(resumed, opt2, state["optimizer"])
-    assert train(resumed, opt2, data[3:]) == expected[3:]
+    _, expected, _ = run(tmp_path / "straight", float8(), range(1, 7), data, save=False)
+    run(tmp_path / "split", float8(), range(1, 4), data)
+    _, resumed_losses, resumed = run(
+        tmp_path / "split", float8(), range(4, 7), data, seed=7, save=False
+    )
+    assert resumed
+    assert resumed_losses == expected[3:]
