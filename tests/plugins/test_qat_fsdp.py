@@ -1,0 +1,79 @@
+"""QAT under FSDP2: the export of a model sharded on two gloo ranks equals the unsharded one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from ckpt_core import Converters, ModelWrapper
+from ckpt_core.reference import LlamaStateDictAdapter, build_model
+from ckpt_plugins_qat import QATConverter
+from tests.core._dist import run_on_ranks
+
+write_export = pytest.importorskip("ckpt_core.exporter").write_export
+
+
+def build(scheme: str):
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    converters = Converters([QATConverter(QATConverter.Config(scheme=scheme, group_size=32))])
+    converters.convert(model)
+    return model, converters
+
+
+def export(model, converters, path: str) -> None:
+    write_export(
+        ModelWrapper(model, converters),
+        path,
+        fmt="hf",
+        dtype="float32",
+        sd_adapter=LlamaStateDictAdapter(model.args),
+        converters=converters,
+    )
+
+
+TOKENS = torch.arange(32).reshape(2, 16) * 7 % 256
+
+
+def sharded_export(rank: int, world_size: int, scheme: str, path: str):
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    model, converters = build(scheme)
+    for layer in model.layers.values():
+        fully_shard(layer)
+    fully_shard(model)
+    full = ModelWrapper(model, converters).state_dict("full")
+    assert isinstance(full["layers.0.attention.wq.weight"], DTensor)
+    logits = model(TOKENS)  # fake-quantized forward and backward on sharded weights
+    logits.float().pow(2).mean().backward()
+    assert model.layers["0"].attention.wq.weight.grad is not None
+    export(model, converters, path)
+    return sorted(full), logits.detach().tolist()  # plain data crosses the queue
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+@pytest.mark.parametrize("scheme", ["int4_weight_only", "int8_dynamic_act_int4_weight"])
+def test_export_from_two_fsdp2_ranks_equals_the_single_process_export(scheme, tmp_path):
+    (keys, logits), _ = run_on_ranks(sharded_export, 2, scheme, str(tmp_path / "sharded"))
+    model, converters = build(scheme)
+    assert keys == sorted(model.state_dict())  # same fp32 master keys when sharded
+    with torch.no_grad():
+        assert torch.allclose(torch.tensor(logits), model(TOKENS), atol=1e-6)
+    export(model, converters, str(tmp_path / "single"))
+    sharded, single = tensors(tmp_path / "sharded"), tensors(tmp_path / "single")
+    assert sharded.keys() == single.keys()
+    assert any(k.endswith("weight_scale") for k in single)
+    for key in single:
+        assert sharded[key].dtype == single[key].dtype, key
+        assert torch.equal(sharded[key], single[key]), key
