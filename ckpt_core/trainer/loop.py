@@ -137,7 +137,7 @@ def set_determinism(seed: int, deterministic: bool) -> None:
 def global_mean(value: torch.Tensor, world_size: int) -> float:
     """The mean of a scalar over ranks (gloo/NCCL sum order is fixed per world size)."""
     if world_size == 1:
-        return float(value)
+        return float(value.detach())
     t = value.detach().clone()
     dist.all_reduce(t)
     return float(t / world_size)
