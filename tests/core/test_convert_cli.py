@@ -1,0 +1,144 @@
+"""``ckpt convert``: HF ↔ DCP round trips, sources from any world size, overwrite rules."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from ckpt_core import ModelWrapper
+from ckpt_core.cli.main import main
+from ckpt_core.exporter import write_export
+from ckpt_core.reference import LlamaStateDictAdapter, ModelArgs, build_model
+from ckpt_core.storage import manifest
+from tests.core._dist import run_on_ranks
+from tests.core.hf_helpers import save_hf_llama
+
+ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, ffn_hidden_dim=128)
+
+
+def _tensors(folder) -> dict[str, torch.Tensor]:
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, name), framework="pt") as f:
+                out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def _convert(*argv) -> int:
+    return main(["convert", *map(str, argv), "--no-progress"])
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_hf_to_dcp_to_hf_is_bit_exact(tmp_path, tied):
+    save_hf_llama(tmp_path / "hf", tied=tied, llama3=True)
+    assert _convert(tmp_path / "hf", tmp_path / "dcp", "--to", "dcp") == 0
+    assert os.path.exists(tmp_path / "dcp" / ".metadata")
+    assert manifest.read(str(tmp_path / "dcp"))["model"]["adapter"] == "llama"
+    assert _convert(tmp_path / "dcp", tmp_path / "back", "--to", "hf") == 0
+    original, back = _tensors(tmp_path / "hf"), _tensors(tmp_path / "back")
+    assert original.keys() == back.keys()
+    assert ("lm_head.weight" in back) is not tied
+    for key, value in original.items():
+        assert back[key].dtype == value.dtype and torch.equal(back[key], value), key
+
+
+def test_convert_refuses_an_existing_destination_unless_asked(tmp_path, capsys):
+    save_hf_llama(tmp_path / "hf")
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "dst" / "keep.txt").write_text("precious")
+    assert _convert(tmp_path / "hf", tmp_path / "dst", "--to", "hf") == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "dst" / "keep.txt").read_text() == "precious"
+    assert _convert(tmp_path / "hf", tmp_path / "dst", "--to", "hf", "--overwrite") == 0
+    assert sorted(os.listdir(tmp_path / "dst")) == [
+        "config.json",
+        "manifest.json",
+        "model.safetensors",
+    ]
+    assert sorted(os.listdir(tmp_path)) == ["dst", "hf"]
+
+
+def test_dcp_source_without_manifest_needs_model_option(tmp_path, capsys):
+    import torch.distributed.checkpoint as dcp
+
+    model = build_model(ARGS)
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp_path / "raw"))
+    assert _convert(tmp_path / "raw", tmp_path / "out", "--to", "hf") == 2
+    assert "--model" in capsys.readouterr().err
+    config = tmp_path / "config.json"
+    import json
+
+    config.write_text(json.dumps(LlamaStateDictAdapter(ARGS).hf_config()))
+    assert _convert(tmp_path / "raw", tmp_path / "out", "--to", "hf", "--model", config) == 0
+    got = _tensors(tmp_path / "out")
+    assert torch.equal(got["model.norm.weight"], model.norm.weight)
+
+
+def _two_rank_save_and_export(rank, world_size, root):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = build_model(ARGS)
+    with torch.no_grad():  # a "trained" state: every tensor differs from a fresh init
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    mesh = init_device_mesh("cpu", (world_size,))
+    for layer in model.layers.values():
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    wrapper = ModelWrapper(model)
+    adapter = LlamaStateDictAdapter(ARGS)
+    step = os.path.join(root, "ckpt", "step-5")
+    dcp.save({"model": wrapper.state_dict("full")}, checkpoint_id=step)
+    if rank == 0:
+        manifest.write(
+            step,
+            manifest.build(
+                kind="checkpoint",
+                step=5,
+                world_size=world_size,
+                files=manifest.file_entries(step),
+                model=adapter.describe(),
+            ),
+        )
+    write_export(
+        wrapper,
+        os.path.join(root, "export", "step-5"),
+        fmt="hf",
+        dtype="bfloat16",
+        sd_adapter=adapter,
+        step=5,
+        max_shard_bytes=60_000,
+    )
+
+
+def test_two_rank_export_equals_one_rank_offline_convert_of_the_same_checkpoint(tmp_path):
+    run_on_ranks(_two_rank_save_and_export, 2, str(tmp_path))
+    assert (
+        _convert(
+            tmp_path / "ckpt",
+            tmp_path / "offline",
+            "--to",
+            "hf",
+            "--dtype",
+            "bfloat16",
+            "--converters",
+            "none",
+        )
+        == 0
+    )
+    online, offline = tmp_path / "export" / "step-5", tmp_path / "offline"
+    a, b = _tensors(online), _tensors(offline)
+    assert a.keys() == b.keys() and len(a) == 2 + 9 * 2 + 1
+    for key in a:
+        assert a[key].dtype == torch.bfloat16 and torch.equal(a[key], b[key]), key
+    assert (online / "config.json").read_text() == (offline / "config.json").read_text()
+    assert os.path.exists(online / "model.safetensors.index.json")
+    assert manifest.read(str(online))["world_size"] == 2
+    assert manifest.verify(str(online)) == []
