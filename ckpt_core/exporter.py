@@ -15,9 +15,11 @@ initialized) by the manager, ``ckpt convert`` and user code:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -139,7 +141,20 @@ def write_export(
     logger.info("exported %s (%s, %s) to %s", "model", fmt, dtype or "as trained", final_path)
 
 
+@contextlib.contextmanager
+def single_process_quiet() -> Iterator[None]:
+    """Silence DCP's "assuming the intent is to save in a single process" warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _write_dcp(folder: str, state_dict: dict[str, Any]) -> dict[str, tuple[int, str]]:
+    with single_process_quiet():
+        return _dcp_save(folder, state_dict)
+
+
+def _dcp_save(folder: str, state_dict: dict[str, Any]) -> dict[str, tuple[int, str]]:
     import torch.distributed.checkpoint as dcp
 
     try:

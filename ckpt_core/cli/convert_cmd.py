@@ -149,7 +149,7 @@ def convert(
     import torch.distributed.checkpoint as dcp
 
     from ckpt_core.errors import CheckpointError
-    from ckpt_core.exporter import load_hf, write_export
+    from ckpt_core.exporter import load_hf, single_process_quiet, write_export
     from ckpt_core.model_wrapper import ModelWrapper
     from ckpt_core.storage import layout, manifest
     from ckpt_core.storage.hf_writer import total_bytes
@@ -176,7 +176,8 @@ def convert(
         from ckpt_core.storage.dcp_io import storage_reader
 
         state = wrapper.state_dict("full")
-        dcp.load({"model": state}, storage_reader=storage_reader(folder))
+        with single_process_quiet():
+            dcp.load({"model": state}, storage_reader=storage_reader(folder))
         wrapper.load_state_dict(state)
     target = layout.join(dst.rstrip("/") + ".ckpt-convert-new") if overwrite else dst
     if overwrite:

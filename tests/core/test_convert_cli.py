@@ -142,3 +142,50 @@ def test_two_rank_export_equals_one_rank_offline_convert_of_the_same_checkpoint(
     assert os.path.exists(online / "model.safetensors.index.json")
     assert manifest.read(str(online))["world_size"] == 2
     assert manifest.verify(str(online)) == []
+
+
+@pytest.fixture
+def codes_converter():
+    from ckpt_core.discovery import register_converter_class, unregister_converter_class
+    from tests.core._export_converters import IntCodesConverter, SidecarConverter
+
+    register_converter_class(IntCodesConverter)
+    register_converter_class(SidecarConverter)
+    yield
+    unregister_converter_class("intcodes")
+    unregister_converter_class("sidecar")
+
+
+def test_convert_applies_the_converters_recorded_in_the_manifest(tmp_path, codes_converter):
+    import torch.distributed.checkpoint as dcp
+
+    from ckpt_core import Converters
+
+    converters = Converters.from_config(["intcodes", "sidecar"])
+    model = build_model(ARGS)
+    converters.convert(model)
+    step = tmp_path / "ckpt" / "step-7"
+    dcp.save({"model": ModelWrapper(model, converters).state_dict("full")}, checkpoint_id=str(step))
+    files = manifest.file_entries(str(step))
+    desc = LlamaStateDictAdapter(ARGS).describe()
+    data = manifest.build(
+        kind="checkpoint", step=7, files=files, converters=converters.describe(), model=desc
+    )
+    manifest.write(str(step), data)
+
+    assert _convert(tmp_path / "ckpt", tmp_path / "with", "--to", "hf") == 0
+    got = _tensors(tmp_path / "with")
+    assert got["model.layers.1.self_attn.q_proj.codes"].dtype == torch.int8
+    assert torch.equal(
+        got["model.layers.1.self_attn.q_proj.codes"], model.layers["1"].attention.wq.codes
+    )
+    side = _tensors(tmp_path / "with" / "adapter")
+    key = "base_model.model.model.layers.0.self_attn.q_proj.sidecar.weight"
+    assert torch.equal(side[key], model.layers["0"].attention.wq.sidecar.weight)
+    assert manifest.read(str(tmp_path / "with"))["converters"] == converters.describe()
+
+    assert _convert(tmp_path / "ckpt", tmp_path / "raw", "--to", "hf", "--converters", "none") == 0
+    raw = _tensors(tmp_path / "raw")
+    assert not any(k.endswith(".codes") for k in raw)
+    assert not os.path.exists(tmp_path / "raw" / "adapter")
+    assert torch.equal(raw["lm_head.weight"], model.output.weight)

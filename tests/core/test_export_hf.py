@@ -197,3 +197,16 @@ def test_dcp_export_is_model_only_in_the_model_layout(tmp_path):
     assert meta.state_dict_metadata["model.norm.weight"].properties.dtype == torch.bfloat16
     codes = meta.state_dict_metadata["model.layers.0.attention.wq.codes"]
     assert codes.properties.dtype == torch.int8
+
+
+def test_an_export_leaves_the_model_state_bit_identical(tmp_path):
+    model = _model()
+    converters = Converters([IntCodesConverter(), SidecarConverter()])
+    converters.convert(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _export(model, tmp_path / "a", converters)
+    _export(model, tmp_path / "b", converters, fmt="dcp")
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        assert after[key].dtype == value.dtype and torch.equal(after[key], value), key
