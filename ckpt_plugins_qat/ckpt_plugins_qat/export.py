@@ -69,6 +69,37 @@ def full_tensor(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def is_row_sharded(value: Any) -> bool:
+    """Whether ``value`` is a DTensor whose local piece holds whole rows.
+
+    FSDP2 shards weights on dim 0 (``Shard(0)``, ``Replicate`` under HSDP). Scales
+    group inputs within one row, so such a weight quantizes shard by shard,
+    without gathering it: every rank quantizes only its own rows.
+    """
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if not isinstance(value, DTensor):
+        return False
+    return all(isinstance(p, Replicate) or p == Shard(0) for p in value.placements)
+
+
+def _row_entries(
+    weight: torch.Tensor, scheme: Scheme, group_size: int, scale: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
+    """Entry suffix → tensor for whole rows of one weight (possibly zero rows)."""
+    rows, cols = weight.shape
+    group = scheme.group_size_for(cols, group_size)
+    if rows == 0:
+        values = torch.empty(0, cols, dtype=torch.int8, device=weight.device)
+        scales = torch.empty(0, cols // group, dtype=weight.dtype, device=weight.device)
+    else:
+        quantized = quantize_weight(weight, scheme, group_size, scale=scale)
+        values, scales = quantized.values, quantized.scale
+    if scheme.packed:
+        return {"weight_packed": pack_int32(values, scheme.weight_bits), "weight_scale": scales}
+    return {"weight": values, "weight_scale": scales}
+
+
 def compressed_entries(
     module: str,
     weight: torch.Tensor,
@@ -76,22 +107,37 @@ def compressed_entries(
     group_size: int,
     learned_scale: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The compressed-tensors entries of one linear (new tensors, plain, on CPU)."""
-    weight = full_tensor(weight).detach()
-    if learned_scale is not None:
-        learned_scale = full_tensor(learned_scale).detach()
-    quantized = quantize_weight(weight, scheme, group_size, scale=learned_scale)
-    scale = quantized.scale.to("cpu")
-    if scheme.packed:
-        return {
-            f"{module}.weight_packed": pack_int32(quantized.values.to("cpu"), scheme.weight_bits),
-            f"{module}.weight_scale": scale,
-            f"{module}.weight_shape": torch.tensor(list(weight.shape), dtype=torch.int64),
+    """The compressed-tensors entries of one linear (new tensors).
+
+    A row-sharded DTensor weight gives DTensors sharded the same way (each rank
+    quantizes its own rows); any other weight gives plain tensors.
+    """
+    shape = torch.tensor(list(weight.shape), dtype=torch.int64)
+    local = is_row_sharded(weight) and (learned_scale is None or is_row_sharded(learned_scale))
+    if local:
+        from torch.distributed.tensor import DTensor
+
+        scale = None if learned_scale is None else learned_scale.to_local().detach()
+        entries = _row_entries(weight.to_local().detach(), scheme, group_size, scale)
+        rows = weight.shape[0]
+        entries = {
+            name: DTensor.from_local(
+                t,
+                weight.device_mesh,
+                weight.placements,
+                shape=(rows, t.shape[1]),
+                stride=(t.shape[1], 1),
+                run_check=False,
+            )
+            for name, t in entries.items()
         }
-    return {
-        f"{module}.weight": quantized.values.to("cpu"),
-        f"{module}.weight_scale": scale,
-    }
+    else:
+        scale = None if learned_scale is None else full_tensor(learned_scale).detach()
+        entries = _row_entries(full_tensor(weight).detach(), scheme, group_size, scale)
+    out = {f"{module}.{name}": t for name, t in entries.items()}
+    if scheme.packed:
+        out[f"{module}.weight_shape"] = shape
+    return out
 
 
 def quantize_state_dict(

@@ -51,6 +51,10 @@ def sharded_export(rank: int, world_size: int, scheme: str, path: str):
     logits = model(TOKENS)  # fake-quantized forward and backward on sharded weights
     logits.float().pow(2).mean().backward()
     assert model.layers["0"].attention.wq.weight.grad is not None
+    view = ModelWrapper(model, converters).state_dict("export")
+    # each rank quantizes its own rows: the compressed entries stay sharded like the weight
+    assert isinstance(view["layers.0.attention.wq.weight_scale"], DTensor)
+    assert view["layers.0.attention.wq.weight_scale"].to_local().shape[0] == 128 // world_size
     export(model, converters, path)
     return sorted(full), logits.detach().tolist()  # plain data crosses the queue
 
