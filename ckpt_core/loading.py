@@ -17,8 +17,10 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from ckpt_core import resume
+from ckpt_core import owned_only, resume
+from ckpt_core.config import InitialLoadConfig
 from ckpt_core.errors import CheckpointError
+from ckpt_core.states import ModelState
 from ckpt_core.storage import layout
 from ckpt_core.storage.safe_metadata import METADATA_NAME, read_metadata
 
@@ -61,16 +63,23 @@ def _load_dcp(
     manager: CheckpointManager, path: str, states: dict[str, Any], *, exact: bool
 ) -> None:
     metadata = read_metadata(path)
-    resume.check_model(metadata, manager.wrapper.state_dict("full"), source=path, dtypes=exact)
+    model_sd = (states["model"] if "model" in states else manager.states["model"]).state_dict()
+    resume.check_model(metadata, model_sd, source=path, dtypes=exact)
     resume.check_states(metadata, [n for n in states if n != "model"], source=path)
     resume.dcp_load(path, states, process_group=manager.process_group, metadata=metadata)
 
 
 def _resume(manager: CheckpointManager, step: int) -> None:
     folder = manager.config.folder
-    resume.check_step(folder, step)
+    found = resume.check_step(folder, step)
     path = layout.step_dir(folder, step)
     states = _states_to_load(manager)
+    if found.get("base"):  # an owned-only checkpoint: its frozen base first, then owned keys
+        _initial_load(manager, owned_only.base_to_load(found["base"], manager.config.initial_load))
+        keep = manager.keep_model_key or manager.converters.key_filter
+        states["model"] = ModelState(manager.wrapper, keep)
+    elif manager.keep_model_key is not None:  # a full checkpoint resumed by an owned-only run
+        states["model"] = ModelState(manager.wrapper)
     _load_dcp(manager, path, states, exact=True)
     manager._loaded_step = step
     logger.info(
@@ -81,8 +90,10 @@ def _resume(manager: CheckpointManager, step: int) -> None:
     )
 
 
-def _initial_load(manager: CheckpointManager) -> None:
-    initial = manager.config.initial_load
+def _initial_load(manager: CheckpointManager, initial: InitialLoadConfig | None = None) -> None:
+    # The base of an owned-only run (or of an owned-only checkpoint) has no converter keys.
+    base_only = initial is not None or manager.keep_model_key is not None
+    initial = initial or manager.config.initial_load
     path = initial.path
     assert path is not None
     if initial.format == "dcp":
@@ -97,6 +108,10 @@ def _initial_load(manager: CheckpointManager) -> None:
             resume.check_step(path, steps[-1])
             path = layout.step_dir(path, steps[-1])
         states = _states_to_load(manager, model_only=initial.model_only)
+        if base_only:
+            states["model"] = ModelState(
+                manager.wrapper, keep=lambda k: not manager.converters.key_filter(k)
+            )
         _load_dcp(manager, path, states, exact=False)
     else:
         from ckpt_core.exporter import load_hf

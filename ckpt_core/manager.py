@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from ckpt_core import owned_only
 from ckpt_core.adapter import StateDictAdapter
 from ckpt_core.async_save import AsyncCheckpointer
 from ckpt_core.config import CORE_STATES, CheckpointConfig
@@ -69,7 +70,11 @@ class CheckpointManager:
         self.wrapper = ModelWrapper(model_parts, converters=self.converters)
         self.sd_adapter = sd_adapter
         self.train_state = TrainState()
-        self.states: dict[str, Any] = {"model": ModelState(self.wrapper)}
+        # Owned-only checkpoints (see ckpt_core.owned_only): only converter-owned model keys.
+        self.keep_model_key = owned_only.model_key_filter(self.converters)
+        if self.enabled:
+            owned_only.check_config(config, self.converters)
+        self.states: dict[str, Any] = {"model": ModelState(self.wrapper, self.keep_model_key)}
         if optimizers is not None:
             self.states["optimizer"] = OptimizersContainer(self.wrapper.model_parts, optimizers)
         if lr_schedulers is not None:
@@ -195,7 +200,7 @@ class CheckpointManager:
             self._purger.start(protected=protected, in_flight=[step])
 
     def _manifest(self, step: int, files: dict[str, Any]) -> dict[str, Any]:
-        return manifest.build(
+        data = manifest.build(
             kind="checkpoint",
             step=step,
             files=files,
@@ -204,6 +209,9 @@ class CheckpointManager:
             converters=self.converters.describe(),
             model=self._describe_model(),
         )
+        if self.keep_model_key is not None:
+            data["base"] = owned_only.base_record(self.config.initial_load)
+        return data
 
     def _describe_model(self) -> dict[str, Any] | None:
         adapter = self.sd_adapter

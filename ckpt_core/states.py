@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -35,16 +35,24 @@ _FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 class ModelState:
-    """``{"model": ...}`` entry: the ``full`` view, loaded back through the wrapper."""
+    """``{"model": ...}`` entry: the ``full`` view, loaded back through the wrapper.
 
-    def __init__(self, wrapper: ModelWrapper) -> None:
+    ``keep`` (optional) limits the entry to the keys it accepts (owned-only
+    checkpoints, see :mod:`ckpt_core.owned_only`); loading is then partial.
+    """
+
+    def __init__(self, wrapper: ModelWrapper, keep: Callable[[str], bool] | None = None) -> None:
         self.wrapper = wrapper
+        self.keep = keep
 
     def state_dict(self) -> dict[str, Any]:
-        return self.wrapper.state_dict("full")
+        full = self.wrapper.state_dict("full")
+        if self.keep is None:
+            return full
+        return {k: v for k, v in full.items() if self.keep(k)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.wrapper.load_state_dict(state_dict)
+        self.wrapper.load_state_dict(state_dict, strict=self.keep is None)
 
 
 def _as_list(value: Any) -> list[Any]:
