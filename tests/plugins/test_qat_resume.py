@@ -85,3 +85,18 @@ def test_manager_export_of_a_qat_run_loads_in_transformers(tmp_path):
     x = data[0]
     with torch.no_grad():
         assert (hf(x).logits - model(x)).abs().max().item() < 1e-5
+
+
+def test_offline_convert_of_a_qat_checkpoint_writes_the_same_quantized_export(tmp_path):
+    from ckpt_core.cli.convert_cmd import convert
+
+    data = batches(3)
+    model, _, _ = run(tmp_path, range(1, 4), data, export=True)
+    dst = tmp_path / "converted"
+    convert(str(tmp_path / "ckpt"), str(dst), to="hf", dtype="float32")  # converters from manifest
+    config = json.loads((dst / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(dst), dtype=torch.float32)
+    x = data[1]
+    with torch.no_grad():
+        assert (hf(x).logits - model(x)).abs().max().item() < 1e-5
