@@ -172,3 +172,42 @@ def test_qat_then_lora_export_merges_first_then_quantizes(tmp_path):
     assert not any("lora" in k for k in stored)
     got = load_logits(path, torch.float32, x)
     assert (got - expected).abs().max().item() < 1e-5
+
+
+def test_dcp_export_holds_the_same_compressed_entries_as_the_hf_export(tmp_path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    model, converters = prepared([QATConverter(QATConverter.Config(group_size=GROUP))])
+    hf = tensors(export(model, converters, tmp_path / "hf", "float32"))
+    write_export(
+        ModelWrapper(model, converters),
+        str(tmp_path / "dcp"),
+        fmt="dcp",
+        dtype="float32",
+        sd_adapter=LlamaStateDictAdapter(model.args),
+        converters=converters,
+    )
+    dcp_to_torch_save(str(tmp_path / "dcp"), str(tmp_path / "dcp.pt"))
+    native = torch.load(tmp_path / "dcp.pt", weights_only=True)["model"]
+    packed = native["layers.0.attention.wq.weight_packed"]
+    assert packed.dtype == torch.int32
+    assert torch.equal(packed, hf[f"{WQ_HF}.weight_packed"])
+    assert "layers.0.attention.wq.weight" not in native
+
+
+def test_qat_fine_tune_starts_from_a_plain_hf_checkpoint(tmp_path):
+    from ckpt_core.exporter import load_hf
+
+    torch.manual_seed(3)
+    source = build_model("tiny")
+    export(source, Converters([]), tmp_path / "base", "float32")
+    model, converters = prepared([QATConverter(QATConverter.Config(group_size=GROUP))], seed=4)
+    load_hf(
+        ModelWrapper(model, converters),
+        str(tmp_path / "base"),
+        fmt="hf",
+        sd_adapter=LlamaStateDictAdapter(model.args),
+        converters=converters,
+    )
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
