@@ -59,6 +59,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     from ckpt_core.trainer.launch import init_distributed, shutdown_distributed
     from ckpt_core.trainer.loop import train
 
+    if env_rank() != 0:
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 speaks for the run
     try:
         dist_info = init_distributed(cfg.job.device)
         train(cfg, dist_info)
