@@ -180,7 +180,20 @@ class _Buffer:
 def _gather(value: Any) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
-    return value.full_tensor() if isinstance(value, DTensor) else value
+    if not isinstance(value, DTensor):
+        return value
+    if value.dtype.is_floating_point and value.dtype.itemsize == 1:
+        # gloo cannot all-gather float8 ("Invalid scalar type"): gather the same bytes as uint8.
+        as_bytes = DTensor.from_local(
+            value.to_local().view(torch.uint8),
+            value.device_mesh,
+            value.placements,
+            shape=value.shape,
+            stride=value.stride(),
+            run_check=False,
+        )
+        return as_bytes.full_tensor().view(value.dtype)
+    return value.full_tensor()
 
 
 def _write_file(
