@@ -19,8 +19,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ckpt_core import Converters, ModelWrapper
+from ckpt_core.exporter import write_export
 from ckpt_core.model_wrapper import unwrap_tensor
-from ckpt_core.reference import build_model
+from ckpt_core.reference import adapter_for, build_model
 from ckpt_plugins_float8 import Float8Converter
 
 pytest.importorskip("torchao.float8")
@@ -92,6 +93,15 @@ def _worker(rank: int, port: int, out: str) -> None:
         view_local = full["layers.0.attention.wq.weight"]._local_tensor
         assert view_local.untyped_storage().data_ptr() == param_local.untyped_storage().data_ptr()
         dcp.save({"model": full}, checkpoint_id=os.path.join(out, "ckpt"))
+        write_export(
+            wrapper,
+            os.path.join(out, "export", "step-4"),
+            fmt="hf",
+            dtype="float32",
+            sd_adapter=adapter_for(model),
+            converters=convs,
+            step=4,
+        )
 
         export = wrapper.state_dict("export")
         gathered = {k: gather(v) for k, v in export.items()}
@@ -171,3 +181,18 @@ def test_unwrap_returns_the_plain_tensor_inside_the_all_gather_weight():
     detached = unwrap_tensor(wrapped.detach())
     assert type(detached) is torch.Tensor
     assert detached.untyped_storage().data_ptr() == inner.untyped_storage().data_ptr()
+
+
+def test_fp8_export_written_from_two_ranks_loads_in_transformers(fsdp_run):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("compressed_tensors")
+    # The float8 training forward of the saved weights, rebuilt on one process.
+    torch.manual_seed(5)
+    model = build_model("tiny")
+    ModelWrapper(model).load_state_dict(load_file(fsdp_run / "full.safetensors"))
+    Converters([Float8Converter(Float8Converter.Config(emulate=True))]).convert(model)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(fsdp_run / "export" / "step-4")
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        diff = (hf.eval()(tokens).logits - model(tokens)).abs().max().item()
+    assert diff < 1e-4, diff
