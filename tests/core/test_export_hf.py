@@ -210,3 +210,36 @@ def test_an_export_leaves_the_model_state_bit_identical(tmp_path):
     assert before.keys() == after.keys()
     for key, value in before.items():
         assert after[key].dtype == value.dtype and torch.equal(after[key], value), key
+
+
+@pytest.mark.parametrize("direct", ["1", "0"], ids=["o_direct", "page_cache"])
+def test_writer_streams_odd_sized_tensors_through_a_small_buffer(tmp_path, monkeypatch, direct):
+    import zlib
+
+    from ckpt_core.storage.hf_writer import write_hf_folder
+    from ckpt_core.transforms import HFGroup
+
+    monkeypatch.setenv("CKPT_HF_DIRECT_IO", direct)
+    tensors = {
+        "odd": torch.arange(7, dtype=torch.int8),
+        "big": torch.randn(700, 333),
+        "flag": torch.tensor(True),
+        "f64": torch.randn(5).double(),
+        "empty": torch.empty(0, 3),
+        "fp8": torch.randn(9).to(torch.float8_e4m3fn),
+    }
+    written = write_hf_folder(
+        str(tmp_path),
+        [HFGroup(None, None, dict(tensors))],
+        dtype=torch.bfloat16,
+        config=None,
+        is_writer=True,
+        buffer_bytes=8192,
+    )
+    got = _read_folder(tmp_path)
+    assert got.keys() == tensors.keys()
+    for key, value in tensors.items():
+        want = value.to(torch.bfloat16) if value.dtype in (torch.float32, torch.float64) else value
+        assert got[key].dtype == want.dtype and torch.equal(got[key], want), key
+    data = (tmp_path / "model.safetensors").read_bytes()
+    assert written["model.safetensors"] == (len(data), f"crc32:{zlib.crc32(data):08x}")
