@@ -102,6 +102,8 @@ def relaunch(nproc: int, argv: Sequence[str], *, verbose: bool = False) -> int:
             *argv,
         ]
     )
+    # One thread per rank's share of the cores (torchrun would warn and pick 1).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     # torchrun's agent logs restarts and failures with long tracebacks: keep errors only.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     logger.info("launching %d ranks with torchrun", nproc)

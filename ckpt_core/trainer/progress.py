@@ -24,6 +24,8 @@ class Progress:
         self.enabled = enabled
         self._bar: Any = None
         self._task: Any = None
+        self._handlers: list[tuple[logging.StreamHandler, Any]] = []
+        self._stderr = sys.stderr
         if enabled and sys.stdout.isatty():
             from rich.progress import (
                 BarColumn,
@@ -47,6 +49,10 @@ class Progress:
                 "train", total=total, completed=start, loss="-", tps="-"
             )
             self._bar.start()
+            # Log lines go through rich's proxy, above the bar, instead of through it.
+            for handler in logging.getLogger().handlers:
+                if type(handler) is logging.StreamHandler and handler.stream is self._stderr:
+                    self._handlers.append((handler, handler.setStream(sys.stderr)))
 
     def update(self, step: int, loss: float, tokens_per_s: float, lr: float) -> None:
         """Report a finished step."""
@@ -69,5 +75,8 @@ class Progress:
     def close(self) -> None:
         """Stop the bar (idempotent)."""
         if self._bar is not None:
+            for handler, stream in self._handlers:
+                handler.setStream(stream)
+            self._handlers.clear()
             self._bar.stop()
             self._bar = None
