@@ -222,3 +222,26 @@ def test_bfloat16_fp8_export_keeps_float8_weights_and_casts_the_rest(tmp_path):
     with torch.no_grad():
         diff = (hf(tokens).logits.float() - model(tokens)).abs().max().item()
     assert diff < 0.1, diff
+
+
+def test_fp8_export_quantizes_the_lora_merged_weight_when_lora_wraps_float8():
+    pytest.importorskip("ckpt_plugins_lora")
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    convs = Converters.from_config(
+        ["float8", "lora"], {"float8": {"export": "fp8", "emulate": True}, "lora": {"rank": 4}}
+    )
+    convs.convert(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_b" in name:
+                param.normal_(std=0.05)
+    full = ModelWrapper(model, convs).state_dict("full")
+    merged = Converters([convs["lora"]]).state_dict_transform(dict(full))
+    export = ModelWrapper(model, convs).state_dict("export")
+    key = "layers.1.attention.wq.weight"
+    assert not torch.equal(merged[key], full[key])  # the adapter changed the weight
+    bits, scale = quantize_weight(merged[key], "tensorwise")
+    assert torch.equal(export[key].view(torch.uint8), bits.view(torch.uint8))
+    assert torch.equal(export[key + "_scale"], scale)
+    assert not any("lora" in k for k in export)
