@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ckpt_core.converter import ConverterConfig
 
@@ -23,8 +23,25 @@ class LoRAConfig(ConverterConfig):
         description="Native leaf names of the linears to adapt (wq, wk, wv, wo, w1, w2, w3).",
     )
     export: Literal["merged", "adapter", "both"] = Field(
-        "both", description="Export merged weights, a PEFT adapter, or both."
+        "both",
+        description=(
+            "'merged': merged weights only; 'adapter': unmerged base weights plus a PEFT "
+            "adapter folder; 'both': merged weights plus a PEFT adapter for the original base."
+        ),
     )
     trainable_only_checkpoints: bool = Field(
-        False, description="Interval checkpoints hold only adapter weights and their optimizer."
+        False,
+        description=(
+            "Interval checkpoints hold only the adapters and their optimizer state; resume "
+            "reloads the base from checkpoint.initial_load (checksum-checked)."
+        ),
     )
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _split_names(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list):
+            value = list(dict.fromkeys(value))  # drop repeats, keep order
+        return value
