@@ -138,7 +138,9 @@ def write_export(
         _write_manifest(tmp, known, step, world, converters, sd_adapter)
         layout.commit(tmp, final_path)
     _barrier()
-    logger.info("exported %s (%s, %s) to %s", "model", fmt, dtype or "as trained", final_path)
+    logger.info(
+        "exported the model as %s (%s) to %s", fmt, dtype or "dtypes as trained", final_path
+    )
 
 
 @contextlib.contextmanager

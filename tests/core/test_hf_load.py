@@ -144,3 +144,21 @@ def test_from_pretrained_reads_a_sharded_bf16_folder_into_fp32(tmp_path):
     model = from_pretrained(str(tmp_path))
     assert model.tok_embeddings.weight.dtype == torch.float32
     assert torch.equal(model.norm.weight, hf.model.norm.weight.float())
+
+
+def test_hf_base_load_leaves_converter_owned_keys_as_initialized(tmp_path):
+    from ckpt_core import Converters
+    from tests.core._export_converters import SidecarConverter
+
+    hf = hf_llama()
+    hf.save_pretrained(str(tmp_path))
+    model = build_model(str(tmp_path))
+    converters = Converters([SidecarConverter()])
+    converters.convert(model)
+    sidecar = model.layers["0"].attention.wq.sidecar.weight.clone()
+    adapter = LlamaStateDictAdapter(model.args)
+    load_hf(ModelWrapper(model, converters), str(tmp_path), sd_adapter=adapter)
+    assert torch.equal(model.layers["0"].attention.wq.sidecar.weight, sidecar)
+    assert torch.equal(
+        model.layers["1"].feed_forward.w2.weight, hf.model.layers[1].mlp.down_proj.weight
+    )
