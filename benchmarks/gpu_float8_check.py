@@ -181,6 +181,10 @@ def run(args, out: str, checks: Checks, t_start: float) -> dict[str, object]:
             tokens[:, t + 1] = (tokens[:, t] * 5 + 3) % ids
         return tokens.to(device)
 
+    def phase(name: str) -> None:
+        print(f"[{time.perf_counter() - t_start:6.1f}s] {name}", flush=True)
+
+    phase(f"train float8 {steps} steps, save at {save_at}")
     # ---- 1+2: train, save, resume -------------------------------------------------
     torch.use_deterministic_algorithms(True, warn_only=True)
     with warnings.catch_warnings(record=True) as caught:
@@ -210,6 +214,7 @@ def run(args, out: str, checks: Checks, t_start: float) -> dict[str, object]:
             {"first": losses_a[0], "last": losses_a[-1]},
         )
 
+        phase("resume into a fresh model")
         convs_b = converters()
         model_b, opt_b = build(margs, device, dtype, seed=123, convs=convs_b)
         mgr_b, _ = checkpointer(os.path.join(out, "ckpt"), model_b, opt_b, convs_b)
@@ -235,6 +240,7 @@ def run(args, out: str, checks: Checks, t_start: float) -> dict[str, object]:
     )
     torch.use_deterministic_algorithms(False)
 
+    phase("fp8 export")
     # ---- 3: fp8 export --------------------------------------------------------------
     export_checks(
         model_a, convs_a, margs, adapter_for(model_a), data(steps + 1), out, checks, summary
@@ -243,6 +249,7 @@ def run(args, out: str, checks: Checks, t_start: float) -> dict[str, object]:
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
+    phase("timing")
     # ---- 4: timing ------------------------------------------------------------------
     summary["timing_ms"] = timing(margs, device, dtype, data, converters, args, checks, t_start)
     if device.type == "cuda":
