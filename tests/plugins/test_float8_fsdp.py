@@ -18,7 +18,7 @@ from ckpt_plugins_float8.fp8_export import quantize_weight
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ckpt_core import Converters, ModelWrapper
+from ckpt_core import CheckpointConfig, CheckpointManager, Converters, ModelWrapper
 from ckpt_core.exporter import write_export
 from ckpt_core.model_wrapper import unwrap_tensor
 from ckpt_core.reference import adapter_for, build_model
@@ -37,48 +37,67 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    import torch.distributed as dist
+def _setup(seed: int):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(seed)
+    model = build_model("tiny")
+    config = Float8Converter.Config(emulate=True, enable_fsdp_float8_all_gather=True, export="fp8")
+    convs = Converters([Float8Converter(config)])
+    convs.convert(model)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in model.layers.values():
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, convs, torch.optim.AdamW(model.parameters(), lr=3e-3)
+
+
+def _train(model, opt, convs, steps, manager=None) -> list[float]:
+    tokens = torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for step in steps:
+        logits = model(tokens[:, :-1])
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        convs.post_optimizer_step([model])
+        losses.append(loss.item())
+        if manager is not None:
+            manager.save(step, last_step=step == steps[-1])
+    return losses
+
+
+def _manager(out, model, opt, convs) -> CheckpointManager:
+    config = CheckpointConfig(
+        folder=os.path.join(out, "checkpoints"), interval=2, export={"enable": False}
+    )
+    return CheckpointManager(config, model, optimizers=opt, converters=convs)
+
+
+def _worker(rank: int, port: int, out: str, resume: bool) -> None:
+    import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        torch.manual_seed(0)
-        model = build_model("tiny")
-        convs = Converters(
-            [
-                Float8Converter(
-                    Float8Converter.Config(
-                        emulate=True, enable_fsdp_float8_all_gather=True, export="fp8"
-                    )
-                )
-            ]
-        )
-        convs.convert(model)
-        mesh = init_device_mesh("cpu", (WORLD,))
-        for layer in model.layers.values():
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        model, convs, opt = _setup(seed=7 if resume else 0)
+        manager = _manager(out, model, opt, convs)
+        if resume:  # a fresh run restarts from step 2 and trains steps 3 and 4 again
+            assert manager.load(step=2)
+            losses = _train(model, opt, convs, [3, 4])
+            manager.close()
+            if rank == 0:
+                torch.save({"losses": losses}, os.path.join(out, "r0_resumed.pt"))
+            return
         weight = model.layers["0"].attention.wq.weight
         assert isinstance(weight, DTensor)
         assert isinstance(weight._local_tensor, WeightWithDynamicFloat8CastTensor)
-
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        gen = torch.Generator().manual_seed(1)
-        tokens = torch.randint(0, 256, (4, 33), generator=gen)
-        losses = []
-        for _ in range(4):
-            logits = model(tokens[:, :-1])
-            loss = nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            convs.post_optimizer_step([model])
-            losses.append(loss.item())
+        losses = _train(model, opt, convs, [1, 2, 3, 4], manager)
+        manager.close()
         # post_optimizer_step precomputed the all-gather scale of every float8 weight.
         for name in convs["float8"].converted:
             local = model.get_submodule(name).weight._local_tensor
@@ -137,13 +156,19 @@ def gather(value):
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("float8_fsdp")
-    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out), False), nprocs=WORLD, join=True)
     return out
 
 
 def test_fsdp_float8_all_gather_trains_on_two_ranks(fsdp_run):
     losses = torch.load(fsdp_run / "r0.pt")["losses"]
     assert losses[-1] < losses[0], losses
+
+
+def test_fsdp_float8_all_gather_run_resumes_bit_exactly_on_two_ranks(fsdp_run):
+    mp.spawn(_worker, args=(free_port(), str(fsdp_run), True), nprocs=WORLD, join=True)
+    expected = torch.load(fsdp_run / "r0.pt")["losses"][2:]
+    assert torch.load(fsdp_run / "r0_resumed.pt")["losses"] == expected
 
 
 def test_fsdp_float8_checkpoint_loads_into_a_plain_model_on_one_process(fsdp_run):
