@@ -17,10 +17,21 @@ write_export = pytest.importorskip("ckpt_core.exporter").write_export
 
 
 def build(scheme: str):
+    """``scheme``, or ``scheme+lora`` for QAT then LoRA (with non-zero B to merge)."""
+    name, _, lora = scheme.partition("+")
     torch.manual_seed(0)
     model = build_model("tiny")
-    converters = Converters([QATConverter(QATConverter.Config(scheme=scheme, group_size=32))])
+    items = [QATConverter(QATConverter.Config(scheme=name, group_size=32))]
+    if lora:
+        from ckpt_plugins_lora import LoRAConverter
+
+        items.append(LoRAConverter(LoRAConverter.Config(rank=4, export="merged")))
+    converters = Converters(items)
     converters.convert(model)
+    with torch.no_grad():
+        for key, param in model.named_parameters():
+            if key.endswith("lora_b.weight"):
+                param.normal_(std=0.02)
     return model, converters
 
 
@@ -50,7 +61,8 @@ def sharded_export(rank: int, world_size: int, scheme: str, path: str):
     assert isinstance(full["layers.0.attention.wq.weight"], DTensor)
     logits = model(TOKENS)  # fake-quantized forward and backward on sharded weights
     logits.float().pow(2).mean().backward()
-    assert model.layers["0"].attention.wq.weight.grad is not None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None for p in trainable)
     view = ModelWrapper(model, converters).state_dict("export")
     # each rank quantizes its own rows: the compressed entries stay sharded like the weight
     assert isinstance(view["layers.0.attention.wq.weight_scale"], DTensor)
@@ -67,7 +79,9 @@ def tensors(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("scheme", ["int4_weight_only", "int8_dynamic_act_int4_weight"])
+@pytest.mark.parametrize(
+    "scheme", ["int4_weight_only", "int8_dynamic_act_int4_weight", "int4_weight_only+lora"]
+)
 def test_export_from_two_fsdp2_ranks_equals_the_single_process_export(scheme, tmp_path):
     (keys, logits), _ = run_on_ranks(sharded_export, 2, scheme, str(tmp_path / "sharded"))
     model, converters = build(scheme)
