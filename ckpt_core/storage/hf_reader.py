@@ -9,7 +9,10 @@ are converted to the container's dtype by ``copy_``.
 
 ``quantized=True`` reads fp8 block-quantized weights (DeepSeek-V3 style:
 ``<name>`` in ``float8_e4m3fn`` beside ``<name>_scale_inv`` with one fp32 scale
-per 128×128 block) and dequantizes them while loading.
+per 128×128 block) and dequantizes them while loading; compressed-tensors
+``float-quantized`` weights (``<name>_scale`` per tensor or per row, as the
+float8 converter's fp8 export writes) load the same way. Without it, a float8
+tensor bound for a high-precision container is an error, never a silent cast.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 SCALE_SUFFIX = "_scale_inv"
+#: compressed-tensors float-quantized: ``<name>_scale`` multiplies, per tensor or per row.
+CT_SCALE_SUFFIX = "_scale"
 FP8_BLOCK = 128
 
 
@@ -159,12 +164,20 @@ def read_into(
                 value = _read_region(handle, name, shape, offset)
                 if quantized and value.dtype == torch.float8_e4m3fn:
                     value = _dequantize(name, value, offset, files, scale_handles)
+                elif _is_float8(value.dtype) and local.dtype != value.dtype:
+                    raise CheckpointError(
+                        f"{name!r} in {file} is stored as {value.dtype} (a quantized checkpoint, "
+                        "e.g. an fp8 export); format 'hf' would load its raw float8 values "
+                        "without their scales. Use format 'hf_quantized'."
+                    )
                 with torch.no_grad():
                     local.copy_(value.reshape(local.shape))
     for h in scale_handles.values():
         h.__exit__(None, None, None)
     unexpected = [
-        n for n in files if n not in containers and not (quantized and n.endswith(SCALE_SUFFIX))
+        n
+        for n in files
+        if n not in containers and not (quantized and n.endswith((SCALE_SUFFIX, CT_SCALE_SUFFIX)))
     ]
     if unexpected:
         logger.info("%s: %d tensors unused: %s", path, len(unexpected), unexpected[:8])
@@ -181,6 +194,8 @@ def _dequantize(
     from safetensors import safe_open
 
     scale_name = name + SCALE_SUFFIX
+    if scale_name not in files and name + CT_SCALE_SUFFIX in files:
+        return _dequantize_per_channel(name, value, offset, files, handles)
     if scale_name not in files:
         raise CheckpointError(
             f"{name!r} is stored as float8_e4m3fn but {scale_name!r} is missing; "
@@ -193,3 +208,29 @@ def _dequantize(
         handles[file] = safe_open(file, framework="pt").__enter__()
     scale = handles[file].get_tensor(scale_name)
     return dequantize_region(value, scale, (offset[0], offset[1]))
+
+
+def _is_float8(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point and dtype.itemsize == 1
+
+
+def _dequantize_per_channel(
+    name: str,
+    value: torch.Tensor,
+    offset: tuple[int, ...],
+    files: Mapping[str, str],
+    handles: dict[str, Any],
+) -> torch.Tensor:
+    """fp32 region of a compressed-tensors float-quantized weight: ``value * <name>_scale``.
+
+    The scale has one entry (per tensor) or one per row (``[rows, 1]``, per channel).
+    """
+    from safetensors import safe_open
+
+    file = files[name + CT_SCALE_SUFFIX]
+    if file not in handles:
+        handles[file] = safe_open(file, framework="pt").__enter__()
+    scale = handles[file].get_tensor(name + CT_SCALE_SUFFIX).float()
+    if scale.numel() > 1:
+        scale = scale.reshape(-1, 1)[offset[0] : offset[0] + value.shape[0]]
+    return value.float() * scale

@@ -6,7 +6,11 @@ import json
 
 import pytest
 import torch
-from ckpt_plugins_float8.fp8_export import quantization_config, quantize_weight
+from ckpt_plugins_float8.fp8_export import (
+    dequantize_weight,
+    quantization_config,
+    quantize_weight,
+)
 from safetensors import safe_open
 
 from ckpt_core import Converters, ModelWrapper
@@ -245,3 +249,34 @@ def test_fp8_export_quantizes_the_lora_merged_weight_when_lora_wraps_float8():
     assert torch.equal(export[key].view(torch.uint8), bits.view(torch.uint8))
     assert torch.equal(export[key + "_scale"], scale)
     assert not any("lora" in k for k in export)
+
+
+def test_fp8_export_read_as_plain_hf_is_refused_instead_of_loading_raw_float8(tmp_path):
+    from ckpt_core.errors import CheckpointError
+    from ckpt_core.exporter import load_hf
+
+    model, convs, _ = trained("tensorwise", steps=1)
+    out = export_hf(model, convs, tmp_path, "float32")
+    fresh = build_model("tiny")
+    with pytest.raises(CheckpointError, match="hf_quantized"):
+        load_hf(ModelWrapper(fresh), out, fmt="hf", sd_adapter=adapter_for(fresh))
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_fp8_export_starts_a_run_as_hf_quantized_with_dequantized_weights(recipe, tmp_path):
+    from ckpt_core.exporter import load_hf
+
+    model, convs, _ = trained(recipe, steps=1)
+    out = export_hf(model, convs, tmp_path, "float32")
+    export = ModelWrapper(model, convs).state_dict("export")
+    fresh = build_model("tiny")
+    load_hf(ModelWrapper(fresh), out, fmt="hf_quantized", sd_adapter=adapter_for(fresh))
+    loaded = ModelWrapper(fresh).state_dict("full")
+    for key, value in loaded.items():
+        if export[key].dtype == torch.float8_e4m3fn:
+            want = dequantize_weight(export[key], export[key + "_scale"], torch.float32)
+        else:
+            want = export[key]
+        assert torch.equal(value, want), key
+    wq = "layers.0.attention.wq.weight"
+    assert 0 < (loaded[wq] - model.get_parameter(wq)).abs().max() < 0.01
