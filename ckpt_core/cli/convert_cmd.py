@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         default=None,
         choices=["float32", "bfloat16", "float16"],
-        help="cast floating tensors to this dtype (default: keep each tensor's dtype)",
+        help="cast floating tensors to this dtype (default: the source's, when it has one)",
     )
     parser.add_argument(
         "--converters",
@@ -110,6 +110,35 @@ def _architecture(folder: str, kind: str, model_arg: str | None, manifest: dict 
     return model_family(entry["adapter"]), entry["config"]
 
 
+def source_float_dtype(folder: str, kind: str) -> str | None:
+    """The one floating dtype (16 bits or more) of the source's model tensors, if unique."""
+    from ckpt_core.transforms import dtype_name, is_castable
+
+    dtypes = set()
+    if kind == "dcp":
+        from ckpt_core.storage.dcp_io import storage_reader
+
+        meta = storage_reader(folder).read_metadata()
+        for key, item in meta.state_dict_metadata.items():
+            props = getattr(item, "properties", None)
+            if key.startswith("model.") and props is not None and is_castable(props.dtype):
+                dtypes.add(props.dtype)
+    else:
+        from safetensors import safe_open
+
+        from ckpt_core.storage.hf_reader import index_folder
+        from ckpt_core.storage.hf_writer import SAFETENSORS_DTYPES
+
+        by_name = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+        for file in sorted(set(index_folder(folder).values())):
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    dtype = by_name.get(f.get_slice(name).get_dtype())
+                    if dtype is not None and is_castable(dtype):
+                        dtypes.add(dtype)
+    return dtype_name(dtypes.pop()) if len(dtypes) == 1 else None
+
+
 def _progress(enabled: bool):
     import contextlib
 
@@ -179,6 +208,8 @@ def convert(
         with single_process_quiet():
             dcp.load({"model": state}, storage_reader=storage_reader(folder))
         wrapper.load_state_dict(state)
+    if dtype is None:  # keep the source's dtype (the model was built in fp32)
+        dtype = source_float_dtype(folder, kind)
     target = layout.join(dst.rstrip("/") + ".ckpt-convert-new") if overwrite else dst
     if overwrite:
         layout.remove_tree(target)

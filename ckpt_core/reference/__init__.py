@@ -14,7 +14,7 @@ import torch
 from ckpt_core.reference.adapter import LlamaStateDictAdapter
 from ckpt_core.reference.flavors import FLAVORS, flavor_args
 from ckpt_core.reference.hf_config import from_hf_config, is_hf_path, read_hf_config, to_hf_config
-from ckpt_core.reference.model import ModelArgs, Transformer
+from ckpt_core.reference.model import ModelArgs, Transformer, rope_inv_freq
 
 
 def model_args(name_or_path: str | dict[str, Any] | ModelArgs) -> ModelArgs:
@@ -52,8 +52,8 @@ def from_pretrained(path: str, *, dtype: torch.dtype | None = None) -> Transform
     args = model_args(path)
     with torch.device("meta"):
         model = Transformer(args)
-    model.to_empty(device="cpu")
-    model.init_weights()
+    model.to_empty(device="cpu")  # every parameter is read below: no random init
+    model.rope_inv_freq = rope_inv_freq(args)
     if dtype is not None:
         model.to(dtype=dtype)
     # The adapter only renames, so the containers are the model's own tensors.

@@ -41,7 +41,7 @@ INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 DEFAULT_BUFFER_BYTES = 64 * 1024**2
 
-_ST_DTYPES = {
+SAFETENSORS_DTYPES = {
     torch.float64: "F64",
     torch.float32: "F32",
     torch.float16: "F16",
@@ -100,7 +100,10 @@ def _plan(tensors: dict[str, Any], target: torch.dtype | None) -> list[_Entry]:
                 logger.info("%s shares memory with %s; skipped", name, seen_storage[ident])
                 continue
             seen_storage[ident] = name
-        if value.dtype not in _ST_DTYPES and cast_dtype(value.dtype, target) not in _ST_DTYPES:
+        if (
+            value.dtype not in SAFETENSORS_DTYPES
+            and cast_dtype(value.dtype, target) not in SAFETENSORS_DTYPES
+        ):
             raise TypeError(f"{name!r}: dtype {value.dtype} cannot be stored in safetensors.")
         entries.append(_Entry(name, value, cast_dtype(value.dtype, target), tuple(value.shape)))
     return entries
@@ -123,7 +126,7 @@ def _header(entries: list[_Entry]) -> bytes:
     offset = 0
     for e in entries:
         header[e.name] = {
-            "dtype": _ST_DTYPES[e.dtype],
+            "dtype": SAFETENSORS_DTYPES[e.dtype],
             "shape": list(e.shape),
             "data_offsets": [offset, offset + e.nbytes],
         }

@@ -116,6 +116,14 @@ def _two_rank_save_and_export(rank, world_size, root):
         step=5,
         max_shard_bytes=60_000,
     )
+    write_export(
+        wrapper,
+        os.path.join(root, "dcp-export", "step-5"),
+        fmt="dcp",
+        dtype="bfloat16",
+        sd_adapter=adapter,
+        step=5,
+    )
 
 
 def test_two_rank_export_equals_one_rank_offline_convert_of_the_same_checkpoint(tmp_path):
@@ -142,6 +150,12 @@ def test_two_rank_export_equals_one_rank_offline_convert_of_the_same_checkpoint(
     assert os.path.exists(online / "model.safetensors.index.json")
     assert manifest.read(str(online))["world_size"] == 2
     assert manifest.verify(str(online)) == []
+    # the 2-rank DCP export of the same step converts to the same files as well
+    assert _convert(tmp_path / "dcp-export", tmp_path / "from-dcp", "--to", "hf") == 0
+    c = _tensors(tmp_path / "from-dcp")
+    assert c.keys() == a.keys()
+    for key in a:
+        assert c[key].dtype == torch.bfloat16 and torch.equal(c[key], a[key]), key
 
 
 @pytest.fixture
