@@ -50,6 +50,8 @@ def _child(fn: Callable, rank: int, world_size: int, port: int, args: tuple, out
         out.put((rank, True, result))
     except BaseException:  # noqa: BLE001 - report every failure to the parent
         out.put((rank, False, traceback.format_exc()))
+        out.close()
+        out.join_thread()  # flush the report before _exit skips the queue's feeder thread
         os._exit(1)
 
 
