@@ -68,6 +68,9 @@ class LlamaStateDictAdapter(StateDictAdapter):
     """Converts reference-Llama state dicts to and from Hugging Face Llama ones."""
 
     registry_name = "llama"
+    #: Where the HF weights came from, when known; converter adapters may record it
+    #: (LoRA writes it as ``base_model_name_or_path`` in ``adapter_config.json``).
+    name_or_path: str | None = None
 
     def __init__(self, args: ModelArgs) -> None:
         self.args = args

@@ -161,6 +161,9 @@ def train(cfg: TrainConfig, dist_info: Dist) -> dict[str, Any]:
 
     model = build_model(cfg.model.name)
     adapter = LlamaStateDictAdapter(model.args)
+    initial = cfg.resolved_checkpoint().initial_load
+    if initial.path and initial.format != "dcp":
+        adapter.name_or_path = initial.path  # e.g. PEFT's base_model_name_or_path
     if tcfg.seq_len > model.args.max_seq_len:
         raise ConfigError(
             f"training.seq_len = {tcfg.seq_len} exceeds the model's max_seq_len "

@@ -99,6 +99,7 @@ def test_ckpt_train_on_two_ranks_exports_a_merged_model_and_a_peft_adapter_that_
     assert (logits(merged) - untrained).abs().max() > 1e-2
     config = json.loads((export / "adapter" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["peft_type"]) == (4, 8, "LORA")
+    assert config["base_model_name_or_path"] == hf_base
 
 
 def test_ckpt_train_resumes_trainable_only_checkpoints_bit_exactly(hf_base, tmp_path):
