@@ -123,3 +123,30 @@ def test_ckpt_train_resumes_trainable_only_checkpoints_bit_exactly(hf_base, tmp_
 
     straight, split = losses(tmp_path / "straight"), losses(tmp_path / "split")
     assert [split[s] for s in range(4, 7)] == [straight[s] for s in range(4, 7)]
+
+
+def test_ckpt_train_starts_from_a_peft_adapter_through_additional_load(hf_base, tmp_path):
+    base = transformers.LlamaForCausalLM.from_pretrained(hf_base)
+    peft_config = peft.LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False, task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                        "down_proj"],
+    )  # fmt: skip
+    torch.manual_seed(11)
+    peft.get_peft_model(base, peft_config).save_pretrained(str(tmp_path / "peft"))
+    original = safetensors_torch.load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f'[[checkpoint.additional_load]]\npath = "{tmp_path / "peft"}"\nconverter = "lora"\n'
+    )
+    # One step at a tiny learning rate (warmup 1/1000): the export is the loaded adapter, moved
+    # by about 1e-5; a fresh adapter (B = 0, A random) would be far off.
+    ckpt_train(hf_base, tmp_path / "job", "--config", str(config), "--training.warmup_steps",
+               "1000", steps=1)  # fmt: skip
+    exported = safetensors_torch.load_file(
+        str(tmp_path / "job/export/step-1/adapter/adapter_model.safetensors")
+    )
+    assert sorted(exported) == sorted(original)
+    for key, value in original.items():
+        assert (exported[key] - value).abs().max() < 1e-4, key
+    assert all(v.abs().max() > 1e-3 for k, v in original.items() if "lora_B" in k)
