@@ -36,7 +36,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     """Validate the config, then train here or relaunch under torchrun."""
     from ckpt_core.errors import CkptError, ConfigError
     from ckpt_core.trainer.config import load_train_config
-    from ckpt_core.trainer.launch import env_rank, relaunch, under_torchrun
+    from ckpt_core.trainer.launch import check_devices, env_rank, relaunch, under_torchrun
 
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {args.nproc}.")
@@ -46,6 +46,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         from ckpt_core.trainer.loop import prepare
 
         prepare(cfg)  # fail once, here, rather than once per rank
+        check_devices(cfg.job.device, args.nproc)
         if cfg.training.batch_size % args.nproc:
             raise ConfigError(
                 f"training.batch_size = {cfg.training.batch_size} is not divisible by "

@@ -59,6 +59,20 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def check_devices(preference: str, nproc: int) -> None:
+    """On CUDA each rank needs its own GPU: refuse more ranks than GPUs."""
+    from ckpt_core.errors import ConfigError
+
+    if pick_device(preference, 0).type != "cuda":
+        return
+    gpus = torch.cuda.device_count()
+    if nproc > gpus:
+        raise ConfigError(
+            f"--nproc {nproc} needs {nproc} GPUs but {gpus} are visible (NCCL gives each rank "
+            f"its own GPU). Use --nproc {gpus}, or --job.device cpu for gloo on CPU."
+        )
+
+
 def init_distributed(device_preference: str = "auto") -> Dist:
     """Join (or create) the process group and pick this rank's device."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -209,15 +209,14 @@ def train(cfg: TrainConfig, dist_info: Dist) -> dict[str, Any]:
             n_params = sum(p.numel() for p in model.parameters())
             logger.info(
                 "model %s (%.2fM parameters, %d trainable tensors), converters %s, %d rank(s) "
-                "on %s; steps %d..%d",
+                "on %s; %s",
                 cfg.model.name,
                 n_params / 1e6,
                 len(params),
                 converters.names or "none",
                 dist_info.world_size,
                 dist_info.device,
-                start,
-                tcfg.steps,
+                f"steps {start}..{tcfg.steps}" if start <= tcfg.steps else "no step left",
             )
         metrics = MetricsWriter(
             cfg.resolve(cfg.metrics.path), enabled=dist_info.is_main, fresh=state.step == 0
@@ -257,6 +256,8 @@ def train(cfg: TrainConfig, dist_info: Dist) -> dict[str, Any]:
             )
             progress.update(step, last_loss, tokens_per_step / max(seconds, 1e-9), lr)
             manager.save(step, last_step=step == tcfg.steps)
+        if start > tcfg.steps:
+            _finish_missing_export(manager, cfg, tcfg.steps)
     except BaseException:
         _close_quietly(manager)
         raise
@@ -269,6 +270,18 @@ def train(cfg: TrainConfig, dist_info: Dist) -> dict[str, Any]:
     if dist_info.is_main and start > tcfg.steps:
         logger.info("nothing to train: the checkpoint is already at step %d", start - 1)
     return {"start": start, "steps": tcfg.steps, "loss": last_loss}
+
+
+def _finish_missing_export(manager: Any, cfg: TrainConfig, step: int) -> None:
+    """A run killed between its last checkpoint and its final export exports on restart."""
+    from ckpt_core.storage import layout
+
+    folder = cfg.resolved_checkpoint().export.folder
+    if manager.should_export(step, last_step=True) and not layout.exists(
+        layout.step_dir(folder, step)
+    ):
+        logger.info("step %d is committed but its export is missing: exporting it now", step)
+        manager.save(step, last_step=True)
 
 
 def _close_quietly(manager: Any) -> None:

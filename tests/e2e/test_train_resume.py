@@ -9,11 +9,11 @@ newest committed step.
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from tests.e2e import _train as t
-
-pytestmark = pytest.mark.slow
 
 CASES = [
     (name, mode, kill_at)
@@ -22,6 +22,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("converters", "async_mode", "kill_at"), CASES)
 def test_a_run_killed_mid_training_resumes_with_bit_identical_losses(
     converters, async_mode, kill_at, reference, tmp_path
@@ -73,3 +74,17 @@ def test_a_run_killed_while_saving_leaves_only_complete_steps_and_resumes_exactl
     t.run_ok(cmd, tmp_path)
     assert all(r["loss"] == ref[r["step"]] for r in t.records(tmp_path))
     assert t.committed_steps(tmp_path)[-1] == t.STEPS
+
+
+def test_a_run_that_died_between_its_last_checkpoint_and_its_export_exports_on_restart(tmp_path):
+    cmd = t.command(tmp_path, "--checkpoint.export.enable", "true", steps=3)
+    t.run_ok(cmd, tmp_path)
+    export = tmp_path / "export" / "step-3"
+    assert (export / "model.safetensors").exists()
+    # The state a kill after the final commit and before the export leaves behind.
+    shutil.rmtree(export)
+    before = t.records(tmp_path)
+    proc = t.run_ok(cmd, tmp_path)
+    assert "export is missing" in proc.stderr
+    assert (export / "model.safetensors").exists() and (export / "config.json").exists()
+    assert t.records(tmp_path) == before  # no step was trained again
