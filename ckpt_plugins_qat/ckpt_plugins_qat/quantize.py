@@ -4,10 +4,11 @@ Training runs torchao's fake quantizer: it picks symmetric scales per group (or
 per output channel), rounds ``w * (1 / scale)`` to integers, clamps them and
 multiplies back. The export must store exactly those integers and scales: a
 different rounding rule (``round(w / scale)`` flips ties) gives a model that is
-not the one that was trained. So :func:`quantize_weight` runs torchao's own
-``IntxFakeQuantizer`` for the scales and torchao's ``quantize_affine`` (the
-quantize half of that fake quantizer) for the integers, and never re-derives
-either by another rule.
+not the one that was trained. So :func:`quantize_weight` takes the scales from
+the torchao function the fake quantizer calls (:func:`choose_qparams`) and the
+integers from torchao's ``quantize_affine`` (the quantize half of that fake
+quantizer), and never re-derives either by another rule; tests check both
+against the fake quantizer and torchao's ``convert`` step bit for bit.
 
 :func:`pack_int32` stores signed sub-byte integers the way compressed-tensors'
 ``pack-quantized`` format does: each value is offset to unsigned, and value
@@ -16,6 +17,7 @@ either by another rule.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +45,26 @@ class QuantizedWeight:
 
 
 @torch.no_grad()
+def choose_qparams(
+    weight: torch.Tensor, scheme: Scheme, group: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zero points ``[out, in / group]`` as the fake quantizer's forward picks them.
+
+    ``IntxFakeQuantizer`` (per group or per channel, symmetric) calls torchao's
+    ``get_group_qparams_symmetric`` with its config's bit width, scale precision
+    and eps, then casts the zero points to the config's zero-point precision;
+    this does the same without computing the fake-quantized weight.
+    """
+    from torchao.quantization.utils import get_group_qparams_symmetric
+
+    config = scheme.weight_fake_quantize_config(group)
+    scale, zero_point = get_group_qparams_symmetric(
+        weight, scheme.weight_bits, group, config.scale_precision, eps=config.eps
+    )
+    return scale, zero_point.to(config.zero_point_precision)
+
+
+@torch.no_grad()
 def quantize_weight(
     weight: torch.Tensor,
     scheme: Scheme,
@@ -59,15 +81,12 @@ def quantize_weight(
             lets the fake quantizer choose them from ``weight``.
     """
     from torchao.quantization import quantize_affine
-    from torchao.quantization.qat import IntxFakeQuantizer
 
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D linear weight, got shape {list(weight.shape)}")
     group = scheme.group_size_for(weight.shape[1], group_size)
     if scale is None:
-        fake_quantizer = IntxFakeQuantizer(scheme.weight_fake_quantize_config(group))
-        fake_quantizer(weight)  # computes .scale and .zero_point as in the training forward
-        scale, zero_point = fake_quantizer.scale, fake_quantizer.zero_point
+        scale, zero_point = choose_qparams(weight, scheme, group)
     else:
         scale = scale.detach().reshape(weight.shape[0], -1)
         zero_point = torch.zeros_like(scale, dtype=torch.int32)
@@ -100,6 +119,22 @@ def pack_int32(values: torch.Tensor, num_bits: int) -> torch.Tensor:
     rows, cols = values.shape
     if cols % per_word:
         raise ValueError(f"columns ({cols}) must be a multiple of {per_word} to pack")
+    offset = 1 << (num_bits - 1)
+    if num_bits in (4, 8) and sys.byteorder == "little":
+        # Byte-wise: value 2k in the low nibble of byte k, value 2k+1 in the high one;
+        # four little-endian bytes are one int32 word with value 0 at bit 0.
+        unsigned = (values.to(torch.int16) + offset).to(torch.uint8)
+        if num_bits == 4:
+            pairs = unsigned.view(rows, cols // 2, 2)
+            unsigned = pairs[..., 0] | (pairs[..., 1] << 4)
+        return unsigned.contiguous().view(torch.int32).clone()
+    return _pack_arithmetic(values, num_bits)
+
+
+def _pack_arithmetic(values: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """:func:`pack_int32` by integer arithmetic (any ``num_bits`` dividing 32, any byte order)."""
+    rows, cols = values.shape
+    per_word = 32 // num_bits
     offset = 1 << (num_bits - 1)
     unsigned = (values.to(torch.int64) + offset).view(rows, cols // per_word, per_word)
     shifts = torch.arange(per_word, dtype=torch.int64) * num_bits

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ckpt_plugins_qat.quantize import pack_int32, quantize_weight, unpack_int32
+from ckpt_plugins_qat.quantize import _pack_arithmetic, pack_int32, quantize_weight, unpack_int32
 from ckpt_plugins_qat.schemes import SCHEMES
 
 pack_to_int32 = pytest.importorskip(
@@ -32,6 +32,8 @@ def test_packing_is_byte_equal_to_compressed_tensors(bits):
     theirs = pack_to_int32(values, bits)
     assert ours.dtype == torch.int32 and ours.shape == (24, 96 * bits // 32)
     assert ours.numpy().tobytes() == theirs.numpy().tobytes()
+    # the byte-order independent fallback agrees too
+    assert _pack_arithmetic(values, bits).numpy().tobytes() == theirs.numpy().tobytes()
     assert torch.equal(unpack_int32(ours, bits, 96), values)
 
 
