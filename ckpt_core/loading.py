@@ -108,9 +108,13 @@ def _initial_load(manager: CheckpointManager, initial: InitialLoadConfig | None 
             resume.check_step(path, steps[-1])
             path = layout.step_dir(path, steps[-1])
         states = _states_to_load(manager, model_only=initial.model_only)
+        owned = manager.converters.key_filter
         if base_only:
+            states["model"] = ModelState(manager.wrapper, keep=lambda k: not owned(k))
+        else:  # a plain base has no converter keys (LoRA factors keep their init)
+            saved = read_metadata(path).state_dict_metadata
             states["model"] = ModelState(
-                manager.wrapper, keep=lambda k: not manager.converters.key_filter(k)
+                manager.wrapper, keep=lambda k: not owned(k) or f"model.{k}" in saved
             )
         _load_dcp(manager, path, states, exact=False)
     else:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from ckpt_core import CheckpointConfig, Converters
+from ckpt_core import CheckpointConfig, Converters, ModelWrapper
 from ckpt_core.config import ExportConfig, InitialLoadConfig
 from ckpt_core.errors import CheckpointError, ConfigError
 from ckpt_core.manager import CheckpointManager
@@ -166,3 +166,34 @@ def test_trainable_only_without_an_initial_load_is_a_config_error(tmp_path):
     config = CheckpointConfig(folder=str(tmp_path), export=ExportConfig(enable=False))
     with pytest.raises(ConfigError, match="initial_load.path"):
         CheckpointManager(config, [model], converters=converters)
+
+
+@pytest.mark.parametrize("trainable_only", [False, True], ids=["full", "trainable_only"])
+def test_lora_run_starts_from_a_plain_dcp_base(hf_base, tmp_path, trainable_only):
+    from ckpt_core.exporter import write_export
+    from ckpt_core.reference import from_pretrained
+
+    plain = from_pretrained(hf_base)
+    dcp_base = tmp_path / "dcp-base"
+    write_export(
+        ModelWrapper(plain), str(dcp_base), fmt="dcp", dtype=None,
+        sd_adapter=LlamaStateDictAdapter(plain.args),
+    )  # fmt: skip
+    torch.manual_seed(5)
+    model = build_model(hf_base)
+    converters = Converters(
+        [LoRAConverter(LoRAConfig(rank=4, trainable_only_checkpoints=trainable_only))]
+    )
+    converters.convert(model)
+    a_before = model.layers["0"].attention.wq.lora_a.weight.detach().clone()
+    config = CheckpointConfig(
+        folder=str(tmp_path / "ckpt"),
+        initial_load=InitialLoadConfig(path=str(dcp_base), format="dcp"),
+        export=ExportConfig(enable=False),
+    )
+    manager = CheckpointManager(config, [model], converters=converters)
+    assert manager.load()
+    base = ModelWrapper(model, converters).state_dict("base")
+    for key, value in plain.state_dict().items():
+        assert torch.equal(base[key], value), key
+    assert torch.equal(model.layers["0"].attention.wq.lora_a.weight, a_before)
