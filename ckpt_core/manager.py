@@ -90,6 +90,7 @@ class CheckpointManager:
                 )
             self.states[name] = as_stateful(obj, name)
         self.export_enabled = self._check_export()
+        self._model_description = self._describe_model()  # for manifests
         self.process_group = dist.new_group(backend="gloo") if _dist_on() else None
         self.rank = dist.get_rank() if _dist_on() else 0
         self.world_size = dist.get_world_size() if _dist_on() else 1
@@ -166,15 +167,19 @@ class CheckpointManager:
             layout.makedirs(tmp)
         self._barrier()
         state = {name: obj.state_dict() for name, obj in self.states.items()}
+        # Everything that reads the live model happens here, on the caller's thread:
+        # the background thread sees only staged copies (FSDP2 state-dict hooks are not
+        # safe to run while the trainer runs forward/backward).
+        mesh = _describe_mesh(state["model"])
         if sync or self._async is None:
-            self._write_and_commit(state, step)
+            self._write_and_commit(state, step, mesh)
             logger.info("Saved checkpoint %s", final)
         else:
-            self._async.submit(state, lambda staged: self._write_and_commit(staged, step))
+            self._async.submit(state, lambda staged: self._write_and_commit(staged, step, mesh))
             logger.info("Staged checkpoint step %d; writing %s in the background", step, final)
         return True
 
-    def _write_and_commit(self, state: dict[str, Any], step: int) -> None:
+    def _write_and_commit(self, state: dict[str, Any], step: int, mesh: Any = None) -> None:
         """DCP-save ``state`` to the temporary folder, write the manifest, commit, purge."""
         folder = self.config.folder
         tmp, final = layout.tmp_step_dir(folder, step), layout.step_dir(folder, step)
@@ -192,22 +197,22 @@ class CheckpointManager:
             records = {k: v for part in gathered for k, v in part.items()}
         if self.rank == 0:
             files = manifest.file_entries(tmp, records)
-            manifest.write(tmp, self._manifest(step, files))
+            manifest.write(tmp, self._manifest(step, files, mesh))
             layout.commit(tmp, final)
         self._barrier()
         if self.rank == 0 and self.config.keep_latest_k > 0:
             protected = [] if self._loaded_step is None else [self._loaded_step]
             self._purger.start(protected=protected, in_flight=[step])
 
-    def _manifest(self, step: int, files: dict[str, Any]) -> dict[str, Any]:
+    def _manifest(self, step: int, files: dict[str, Any], mesh: Any = None) -> dict[str, Any]:
         data = manifest.build(
             kind="checkpoint",
             step=step,
             files=files,
             world_size=self.world_size,
-            mesh=_describe_mesh(self.wrapper),
+            mesh=mesh,
             converters=self.converters.describe(),
-            model=self._describe_model(),
+            model=self._model_description,
         )
         if self.keep_model_key is not None:
             data["base"] = owned_only.base_record(self.config.initial_load)
@@ -283,10 +288,10 @@ class CheckpointManager:
         return load_into(self, step)
 
 
-def _describe_mesh(wrapper: ModelWrapper) -> dict[str, Any] | None:
+def _describe_mesh(model_sd: Mapping[str, Any]) -> dict[str, Any] | None:
     from torch.distributed.tensor import DTensor
 
-    for value in wrapper.state_dict("full").values():
+    for value in model_sd.values():
         if isinstance(value, DTensor):
             mesh = value.device_mesh
             return {

@@ -37,6 +37,17 @@ _CRC_POOL: ThreadPoolExecutor | None = None
 _CRC_POOL_LOCK = threading.Lock()
 
 
+def _forget_pool_after_fork() -> None:
+    # A forked child inherits the pool object but not its threads: start afresh.
+    global _CRC_POOL, _CRC_POOL_LOCK
+    _CRC_POOL = None
+    _CRC_POOL_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
 def _crc_pool() -> ThreadPoolExecutor:
     global _CRC_POOL
     with _CRC_POOL_LOCK:
@@ -108,8 +119,12 @@ def _name(path: Any) -> str:
     return os.path.basename(os.fspath(path).rstrip("/"))
 
 
-def storage_writer(path: str, *, thread_count: int = 1) -> Any:
+def storage_writer(path: str, *, thread_count: int = 1, direct_io: bool = True) -> Any:
     """A DCP writer for ``path`` whose ``fs.records`` holds each written file's checksum.
+
+    Local folders are written with ``O_DIRECT`` through a reused aligned buffer
+    (:mod:`ckpt_core.storage.fast_writer`; same DCP bytes) unless ``direct_io`` is
+    False or ``CKPT_DIRECT_IO=0``.
 
     Local folders are fsync'd (data files and ``.metadata``; the commit fsyncs the
     folder); fsspec storage has no fsync and is durable on close.
@@ -121,9 +136,13 @@ def storage_writer(path: str, *, thread_count: int = 1) -> Any:
     else:
         from torch.distributed.checkpoint import FileSystemWriter
 
+        from ckpt_core.storage import fast_writer
+
         writer = FileSystemWriter(
             layout.filesystem(path)[1], sync_files=True, thread_count=thread_count
         )
+        if direct_io and fast_writer.enabled():
+            writer.fs = fast_writer.DirectFileSystem()
     writer.fs = ChecksummingFS(writer.fs)
     return writer
 
