@@ -49,9 +49,13 @@ def converter_args(names: list[str]) -> list[str]:
 
 def plugin_missing(names: list[str]) -> str | None:
     """Why a converter set cannot run yet (not installed / no hooks), else None."""
-    from ckpt_core.discovery import discover_converters
+    from importlib.metadata import entry_points
 
-    found = discover_converters()
+    from ckpt_core.hookspecs import ENTRY_POINT_GROUP
+
+    # Entry points directly: the workers discover them even if this process has
+    # CKPT_DISABLE_PLUGIN_AUTOLOAD set.
+    found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
     for name in names:
         if name not in found:
             return f"converter {name!r} is not installed"

@@ -14,10 +14,12 @@ from tests.e2e import _train as t
 def test_the_default_run_learns_checkpoints_and_exports_a_bf16_model_transformers_loads(
     tmp_path,
 ):
+    env = t.env()
+    env.pop("OMP_NUM_THREADS")  # as a user runs it: torch's default thread count
     proc = subprocess.run(
         [sys.executable, "-m", "ckpt_core.cli.main", "train"],
         cwd=tmp_path,
-        env=t.env(),
+        env=env,
         capture_output=True,
         text=True,
         timeout=900,
