@@ -3,22 +3,24 @@
 Modes (``checkpoint.async_mode``):
 
 * ``"disabled"`` — the manager saves synchronously; nothing here is used.
-* ``"async"`` — the caller is blocked only while :class:`BufferStager` copies
-  the state dict into CPU buffers; a single background thread then runs the
-  DCP save, the manifest and the commit on the manager's own gloo process group
-  (so its collectives never interleave with the trainer's). This is what
-  ``dcp.async_save`` does with its thread executor, with the commit added to
-  the same thread. The stager *keeps* its buffers between saves: freshly
-  allocated memory is slow to touch on these machines, and reusing buffers cut
-  the blocked time from ~28% to ~5-8% of a sync save (see ``PERF_NOTES``).
-  Buffers are keyed by the entry's path in the state dict, never by storage,
-  so tensors produced by state-dict hooks are copied fresh at every save.
+* ``"async"`` — ``save`` walks the state dict on the caller's thread (no data
+  copied) and returns; one background thread copies the tensors into CPU
+  staging buffers, then runs the DCP save, the manifest and the commit on the
+  manager's own gloo process group (its collectives never interleave with the
+  trainer's). The copy overlaps the trainer's forward/backward;
+  :meth:`AsyncCheckpointer.maybe_wait_for_staging`, called before
+  ``optimizer.step()``, waits for it, so the checkpoint never sees half-updated
+  weights. This is what ``dcp.async_save`` does with its thread executor, with
+  the commit added to the same thread. The stager *keeps* its buffers between
+  saves: freshly allocated memory is slow to touch on these machines, and
+  reusing buffers cut the staging time from ~28% to ~5-8% of a sync save (see
+  ``PERF_NOTES``). Buffers are keyed by the entry's path in the state dict,
+  never by storage, so tensors produced by state-dict hooks are copied fresh at
+  every save.
 * ``"async_with_pinned_mem"`` — as ``"async"`` with page-locked buffers filled
-  by non-blocking device-to-host copies on a side CUDA stream, so staging
-  overlaps forward/backward; :meth:`AsyncCheckpointer.maybe_wait_for_staging`
-  (called before ``optimizer.step()``) waits for the copies. Without CUDA there
-  is nothing to overlap and pinning needs a GPU: it logs that once and behaves
-  as ``"async"``.
+  by non-blocking device-to-host copies enqueued on a side CUDA stream by the
+  caller (microseconds); ``maybe_wait_for_staging`` waits for them. Without
+  CUDA pinning is unavailable: it logs that once and behaves as ``"async"``.
 
 Each save waits for the previous one (the buffers are reused). A background
 failure is re-raised by the next save, :meth:`AsyncCheckpointer.wait` or
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -50,24 +53,45 @@ class BufferStager:
         self._stream: Any = None
         self._event: Any = None
 
+    def prepare(self, state_dict: Any) -> tuple[Any, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """``(staged, copies)``: the staged structure over this stager's buffers, and the
+        ``(buffer, source)`` copies that fill it (see :meth:`copy`). Runs on the caller's
+        thread: it reads the live state dict's structure but copies no data."""
+        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        return self._walk(state_dict, (), copies), copies
+
+    def copy(self, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Fill the buffers: plain copies on CPU, or non-blocking device-to-host copies on a
+        side stream with pinned memory (then :meth:`synchronize` waits for them)."""
+        if not self.pin_memory:
+            for buf, src in copies:
+                buf.copy_(src)
+            return
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        self._stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._stream):
+            for buf, src in copies:
+                if src.is_cuda:
+                    # The source may be a temporary (an optimizer state-dict view): keep
+                    # the allocator from reusing its memory until the copy is done.
+                    src.record_stream(self._stream)
+                buf.copy_(src, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        self._event = event
+
     def stage(self, state_dict: Any) -> Any:
-        """A copy of ``state_dict`` whose tensors live in this stager's CPU buffers."""
-        if self.pin_memory:
-            if self._stream is None:
-                self._stream = torch.cuda.Stream()
-            self._stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self._stream):
-                staged = self._copy(state_dict, ())
-                self._event = torch.cuda.Event()
-                self._event.record(self._stream)
-            return staged
-        return self._copy(state_dict, ())
+        """A copy of ``state_dict`` in this stager's buffers (:meth:`prepare` + :meth:`copy`)."""
+        staged, copies = self.prepare(state_dict)
+        self.copy(copies)
+        return staged
 
     def synchronize(self) -> None:
         """Wait until non-blocking copies of the last :meth:`stage` have landed."""
-        if self._event is not None:
-            self._event.synchronize()
-            self._event = None
+        event = self._event  # read once: the caller and the writer thread may both wait
+        if event is not None:
+            event.synchronize()
 
     def close(self) -> None:
         """Drop the buffers."""
@@ -81,22 +105,22 @@ class BufferStager:
 
     # -- internals --------------------------------------------------------------
 
-    def _copy(self, value: Any, path: tuple[Any, ...]) -> Any:
+    def _walk(self, value: Any, path: tuple[Any, ...], copies: list) -> Any:
         if isinstance(value, torch.Tensor):
-            return self._copy_tensor(value, path)
+            return self._stage_tensor(value, path, copies)
         if isinstance(value, dict):
-            return {k: self._copy(v, (*path, k)) for k, v in value.items()}
+            return {k: self._walk(v, (*path, k), copies) for k, v in value.items()}
         if isinstance(value, list):
-            return [self._copy(v, (*path, i)) for i, v in enumerate(value)]
+            return [self._walk(v, (*path, i), copies) for i, v in enumerate(value)]
         if isinstance(value, tuple):
-            return tuple(self._copy(v, (*path, i)) for i, v in enumerate(value))
+            return tuple(self._walk(v, (*path, i), copies) for i, v in enumerate(value))
         return copy.deepcopy(value)
 
-    def _copy_tensor(self, tensor: torch.Tensor, path: tuple[Any, ...]) -> torch.Tensor:
+    def _stage_tensor(self, tensor: torch.Tensor, path: tuple[Any, ...], copies: list) -> Any:
         from torch.distributed.tensor import DTensor
 
         if isinstance(tensor, DTensor):
-            local = self._copy_plain(tensor.to_local(), path)
+            local = self._buffer_for(tensor.to_local(), path, copies)
             return DTensor.from_local(
                 local,
                 tensor.device_mesh,
@@ -105,16 +129,16 @@ class BufferStager:
                 stride=tensor.stride(),
                 run_check=False,
             )
-        return self._copy_plain(tensor, path)
+        return self._buffer_for(tensor, path, copies)
 
-    def _copy_plain(self, tensor: torch.Tensor, path: tuple[Any, ...]) -> torch.Tensor:
+    def _buffer_for(self, tensor: torch.Tensor, path: tuple[Any, ...], copies: list) -> Any:
         buf = self._buffers.get(path)
         if buf is None or buf.shape != tensor.shape or buf.dtype != tensor.dtype:
             buf = torch.empty(
                 tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=self.pin_memory
             )
             self._buffers[path] = buf
-        buf.copy_(tensor.detach(), non_blocking=self.pin_memory)
+        copies.append((buf, tensor.detach()))
         return buf
 
 
@@ -143,25 +167,41 @@ class AsyncCheckpointer:
         self.stager = BufferStager(pin_memory=self.mode == "async_with_pinned_mem")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-async")
         self._future: Future | None = None
-        self._staging_pending = False
+        self._staged: threading.Event | None = None
 
     def submit(self, state_dict: Any, job: Callable[[Any], Any]) -> None:
-        """Wait for the previous save, stage ``state_dict``, run ``job(staged)`` later."""
+        """Wait for the previous save, then stage ``state_dict`` and run ``job(staged)``
+        in the background. Only the structure is walked here; the copies run in the
+        background (CPU) or are enqueued on a side stream (pinned), so they overlap the
+        trainer's forward/backward until :meth:`maybe_wait_for_staging`."""
         self.wait()
-        staged = self.stager.stage(state_dict)
-        self._staging_pending = self.stager.pin_memory
+        staged, copies = self.stager.prepare(state_dict)
+        if self.stager.pin_memory:
+            self.stager.copy(copies)  # enqueue only: returns at once
+        done = threading.Event()
+        self._staged = done
 
         def run() -> Any:
-            self.stager.synchronize()
+            try:
+                if self.stager.pin_memory:
+                    self.stager.synchronize()
+                else:
+                    self.stager.copy(copies)
+            finally:
+                done.set()
             return job(staged)
 
         self._future = self._executor.submit(run)
 
     def maybe_wait_for_staging(self) -> None:
-        """Block until the last staging copy is complete (call before ``optimizer.step``)."""
-        if self._staging_pending:
-            self.stager.synchronize()
-            self._staging_pending = False
+        """Block until the pending save's copy of the state is complete.
+
+        Call it before anything changes the saved tensors (``optimizer.step()``): until
+        it returns, the background copy may still be reading them.
+        """
+        done, self._staged = self._staged, None
+        if done is not None:
+            done.wait()
 
     @property
     def in_flight(self) -> bool:
@@ -170,6 +210,7 @@ class AsyncCheckpointer:
 
     def wait(self) -> None:
         """Wait for the background save; re-raise its error, if any."""
+        self._staged = None
         future, self._future = self._future, None
         if future is not None:
             future.result()

@@ -10,8 +10,9 @@
 Each child sets ``torch.set_num_threads(1)``, joins a gloo process group, runs
 ``fn(rank, world_size, *args)`` and tears the group down. If any rank fails,
 ``run_on_ranks`` raises ``RuntimeError`` with that rank's traceback; a rank that
-hangs past ``timeout`` seconds is killed. Children are forked by default (fast;
-set ``CKPT_TEST_START_METHOD=spawn`` to spawn them instead).
+hangs past ``timeout`` seconds is killed. Children are forked on CPU-only machines
+(fast) and spawned where CUDA is available (autograd's device threads do not
+survive a fork); ``CKPT_TEST_START_METHOD=fork|spawn`` overrides.
 """
 
 from __future__ import annotations
@@ -59,7 +60,10 @@ def run_on_ranks(
     fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = DEFAULT_TIMEOUT
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; their results."""
-    ctx = mp.get_context(os.environ.get("CKPT_TEST_START_METHOD", "fork"))
+    import torch
+
+    default = "spawn" if torch.cuda.is_available() else "fork"
+    ctx = mp.get_context(os.environ.get("CKPT_TEST_START_METHOD", default))
     out = ctx.Queue()
     port = _free_port()
     procs = [

@@ -105,3 +105,14 @@ def test_the_stager_reuses_its_buffers_and_copies_current_values():
     assert torch.equal(second["model"]["w"], torch.ones(4, 4))
     assert second["model"]["w"].data_ptr() != weight.data_ptr()
     assert second["step"] == 2
+
+
+def test_staging_walks_on_the_caller_and_copies_later():
+    stager = BufferStager()
+    weight = torch.zeros(8)
+    stager.stage({"w": weight})
+    weight.fill_(5.0)
+    staged, copies = stager.prepare({"w": weight})
+    assert torch.equal(staged["w"], torch.zeros(8))  # nothing copied yet
+    stager.copy(copies)
+    assert torch.equal(staged["w"], torch.full((8,), 5.0))
