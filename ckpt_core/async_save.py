@@ -50,15 +50,30 @@ class BufferStager:
     def __init__(self, pin_memory: bool = False) -> None:
         self.pin_memory = pin_memory
         self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._paths: list[tuple[Any, ...]] = []
         self._stream: Any = None
         self._event: Any = None
 
-    def prepare(self, state_dict: Any) -> tuple[Any, list[tuple[torch.Tensor, torch.Tensor]]]:
+    def prepare(
+        self, state_dict: Any, defer: Callable[[tuple[Any, ...]], bool] | None = None
+    ) -> tuple[Any, list[tuple[torch.Tensor, torch.Tensor]]]:
         """``(staged, copies)``: the staged structure over this stager's buffers, and the
-        ``(buffer, source)`` copies that fill it (see :meth:`copy`). Runs on the caller's
-        thread: it reads the live state dict's structure but copies no data."""
+        ``(buffer, source)`` copies still to run (see :meth:`copy`).
+
+        Runs on the caller's thread. Tensors whose path (tuple of keys) ``defer``
+        accepts are left for :meth:`copy`; the others are copied now (blocking).
+        ``defer=None`` defers every tensor.
+        """
         copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-        return self._walk(state_dict, (), copies), copies
+        self._paths: list[tuple[Any, ...]] = []
+        staged = self._walk(state_dict, (), copies)
+        if defer is not None:
+            now = [(i, c) for i, c in enumerate(copies) if not defer(self._paths[i])]
+            for _, (buf, src) in now:
+                buf.copy_(src)
+            skip = {i for i, _ in now}
+            copies = [c for i, c in enumerate(copies) if i not in skip]
+        return staged, copies
 
     def copy(self, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Fill the buffers: plain copies on CPU, or non-blocking device-to-host copies on a
@@ -139,6 +154,7 @@ class BufferStager:
             )
             self._buffers[path] = buf
         copies.append((buf, tensor.detach()))
+        self._paths.append(path)
         return buf
 
 
@@ -169,13 +185,24 @@ class AsyncCheckpointer:
         self._future: Future | None = None
         self._staged: threading.Event | None = None
 
-    def submit(self, state_dict: Any, job: Callable[[Any], Any]) -> None:
+    def submit(
+        self,
+        state_dict: Any,
+        job: Callable[[Any], Any],
+        defer: Callable[[tuple[Any, ...]], bool] | None = None,
+    ) -> None:
         """Wait for the previous save, then stage ``state_dict`` and run ``job(staged)``
-        in the background. Only the structure is walked here; the copies run in the
-        background (CPU) or are enqueued on a side stream (pinned), so they overlap the
-        trainer's forward/backward until :meth:`maybe_wait_for_staging`."""
+        in the background.
+
+        The structure is walked here. Tensors ``defer`` accepts (by path) are copied in
+        the background (CPU) or enqueued on a side stream (pinned), overlapping the
+        trainer's forward/backward until :meth:`maybe_wait_for_staging`: only tensors
+        that nothing changes before ``optimizer.step()`` may be deferred (parameters,
+        optimizer state). The rest (buffers a forward pass may update, counters) are
+        copied before this returns.
+        """
         self.wait()
-        staged, copies = self.stager.prepare(state_dict)
+        staged, copies = self.stager.prepare(state_dict, defer)
         if self.stager.pin_memory:
             self.stager.copy(copies)  # enqueue only: returns at once
         done = threading.Event()

@@ -175,9 +175,31 @@ class CheckpointManager:
             self._write_and_commit(state, step, mesh)
             logger.info("Saved checkpoint %s", final)
         else:
-            self._async.submit(state, lambda staged: self._write_and_commit(staged, step, mesh))
+            deferrable = self._deferrable_paths(state)
+            self._async.submit(
+                state,
+                lambda staged: self._write_and_commit(staged, step, mesh),
+                defer=lambda path: path[:2] in deferrable,
+            )
             logger.info("Staged checkpoint step %d; writing %s in the background", step, final)
         return True
+
+    def _deferrable_paths(self, state: dict[str, Any]) -> set[tuple[str, str]]:
+        """Entries only ``optimizer.step()`` changes: model parameters and optimizer state.
+
+        Their staging copy may overlap forward/backward; buffers (a forward pass may
+        update them in place) and everything else are copied before ``save`` returns.
+        """
+        from ckpt_core.model_wrapper import canonical_fqn
+
+        params = {
+            canonical_fqn(name)
+            for part in self.wrapper.model_parts
+            for name, _ in part.named_parameters()
+        }
+        paths = {("model", k) for k in state["model"] if k in params}
+        paths |= {("optimizer", k) for k in state.get("optimizer", {})}
+        return paths
 
     def _write_and_commit(self, state: dict[str, Any], step: int, mesh: Any = None) -> None:
         """DCP-save ``state`` to the temporary folder, write the manifest, commit, purge."""

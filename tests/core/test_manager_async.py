@@ -116,3 +116,30 @@ def test_staging_walks_on_the_caller_and_copies_later():
     assert torch.equal(staged["w"], torch.zeros(8))  # nothing copied yet
     stager.copy(copies)
     assert torch.equal(staged["w"], torch.full((8,), 5.0))
+
+
+def test_buffers_a_forward_pass_updates_are_staged_before_save_returns(tmp_path, monkeypatch):
+    run = Trainable(folder=str(tmp_path), interval=1, async_mode="async")
+    stager = run.manager._async.stager
+    gate = threading.Event()
+    real_copy = stager.copy
+    deferred = []
+
+    def held_copy(copies):
+        deferred.extend(copies)
+        assert gate.wait(30)
+        real_copy(copies)
+
+    monkeypatch.setattr(stager, "copy", held_copy)
+    expected = snapshot(run.model)
+    run.manager.save(1)
+    run.model.scale.add_(1.0)  # e.g. running statistics updated by the next forward
+    gate.set()
+    run.manager.maybe_wait_for_staging()
+    run.manager.close()
+    # Deferred: 3 parameters and their AdamW state (step, exp_avg, exp_avg_sq); not the buffer.
+    assert len(deferred) == 3 + 3 * 3
+    assert all(src.data_ptr() != run.model.scale.data_ptr() for _, src in deferred)
+    loaded = Trainable(seed=3, folder=str(tmp_path))
+    loaded.manager.load()
+    assert_same(snapshot(loaded.model), expected)
