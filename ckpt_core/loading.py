@@ -36,7 +36,7 @@ def load_into(manager: CheckpointManager, step: int = -1) -> bool:
     requested = step if step >= 0 else config.load_step
     found = resume.find_step(config.folder, requested)
     if found is not None:
-        _resume(manager, found)
+        _resume(manager, found, explicit=requested >= 0)
         return True
     initial = config.initial_load
     loaded = False
@@ -69,9 +69,9 @@ def _load_dcp(
     resume.dcp_load(path, states, process_group=manager.process_group, metadata=metadata)
 
 
-def _resume(manager: CheckpointManager, step: int) -> None:
+def _resume(manager: CheckpointManager, step: int, explicit: bool = False) -> None:
     folder = manager.config.folder
-    found = resume.check_step(folder, step)
+    found = resume.check_step(folder, step, explicit=explicit)
     path = layout.step_dir(folder, step)
     states = _states_to_load(manager)
     if found.get("base"):  # an owned-only checkpoint: its frozen base first, then owned keys

@@ -92,6 +92,7 @@ class CheckpointManager:
         self.export_enabled = self._check_export()
         self._model_description = self._describe_model()  # for manifests
         self.process_group = dist.new_group(backend="gloo") if _dist_on() else None
+        self.train_state.process_group = self.process_group
         self.rank = dist.get_rank() if _dist_on() else 0
         self.world_size = dist.get_world_size() if _dist_on() else 1
         self._async = (

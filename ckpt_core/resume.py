@@ -76,10 +76,21 @@ def newest_intact(folder: str, exclude: int | None = None) -> int | None:
     return None
 
 
-def check_step(folder: str, step: int) -> dict[str, Any]:
-    """Manifest of ``step`` after checking files and sizes; raises naming bad files."""
+def check_step(folder: str, step: int, *, explicit: bool = False) -> dict[str, Any]:
+    """Manifest of ``step`` after checking files and sizes; raises naming bad files.
+
+    A step without a manifest (written by another tool) is refused unless it was
+    asked for explicitly (``explicit``): then it loads, with a warning.
+    """
     path = layout.step_dir(folder, step)
     found = manifest.read(path)
+    if found is None and explicit:
+        logger.warning(
+            "%s has no %s: loading it as asked, without checking its files.",
+            path,
+            manifest.MANIFEST_NAME,
+        )
+        return {}
     problems = manifest.check_sizes(path, found)
     if problems:
         intact = newest_intact(folder, exclude=step)

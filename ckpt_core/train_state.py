@@ -39,6 +39,8 @@ class TrainState:
     def __init__(self) -> None:
         self.step = 0
         self.tokens_seen = 0
+        #: CPU-capable group for the rank-0 broadcast (the manager sets its gloo group).
+        self.process_group: Any = None
 
     def state_dict(self) -> dict[str, Any]:
         """Counters plus rank 0's RNG states (see the module docstring)."""
@@ -54,7 +56,8 @@ class TrainState:
         state = {"step": int(self.step), "tokens_seen": int(self.tokens_seen), "rng": rng}
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             box = [state]
-            dist.broadcast_object_list(box, src=0, group=_cpu_group())
+            group = self.process_group if self.process_group is not None else _cpu_group()
+            dist.broadcast_object_list(box, src=0, group=group)
             state = box[0]
         return state
 

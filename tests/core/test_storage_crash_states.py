@@ -154,3 +154,11 @@ def test_checksums_computed_while_writing_match_a_fresh_read(tmp_path):
     found = manifest.read(str(tmp_path / "step-1"))
     for name, entry in found["files"].items():
         assert manifest.file_checksum(str(tmp_path / "step-1" / name)) == entry["checksum"]
+
+
+def test_a_step_without_manifest_loads_only_when_asked_for_by_number(tmp_path):
+    weights = _fabricate_crash_states(tmp_path)
+    shutil.rmtree(tmp_path / "step-5")
+    explicit = Trainable(seed=3, folder=str(tmp_path), load_step=3)
+    explicit.manager.load()  # step-3 is a manifest-less copy of step-2
+    assert_same(snapshot(explicit.model), weights[2])
