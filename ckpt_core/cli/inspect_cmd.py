@@ -85,6 +85,12 @@ def describe_dcp(folder: str) -> dict[str, Any]:
     return {"format": "dcp", "states": states, "tensors": tensors}
 
 
+_ST_ITEMSIZE = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}  # fmt: skip
+
+
 def describe_safetensors(folder: str) -> dict[str, Any]:
     """Tensors of every ``*.safetensors`` file under a local folder (headers only)."""
     import os
@@ -106,7 +112,10 @@ def describe_safetensors(folder: str) -> dict[str, Any]:
                     numel = 1
                     for d in shape:
                         numel *= d
-                    tensors.append({"key": f"{rel}:{key}", "shape": shape, "dtype": dtype})
+                    nbytes = numel * _ST_ITEMSIZE[dtype] if dtype in _ST_ITEMSIZE else None
+                    tensors.append(
+                        {"key": f"{rel}:{key}", "shape": shape, "dtype": dtype, "bytes": nbytes}
+                    )
     return {"format": "safetensors", "states": {}, "tensors": tensors}
 
 
@@ -115,6 +124,8 @@ def inspect_path(path: str, step: int | None = None) -> dict[str, Any]:
     from ckpt_core.errors import CheckpointError
     from ckpt_core.storage import layout, manifest
 
+    if not layout.exists(path):
+        raise CheckpointError(f"{path} does not exist.")
     out: dict[str, Any] = {"path": path}
     target = path
     if not layout.exists(layout.join(path, ".metadata")) and not layout.exists(

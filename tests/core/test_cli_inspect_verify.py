@@ -80,3 +80,24 @@ def test_inspect_refuses_a_metadata_file_with_a_code_payload(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "step-2")]) == 2
     assert "not a DCP metadata type" in capsys.readouterr().err
     assert not marker.exists()
+
+
+def test_inspect_reads_safetensors_headers_and_refuses_a_missing_path(tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file(
+        {"w": torch.zeros(3, 4), "b": torch.ones(2, dtype=torch.bfloat16)},
+        str(tmp_path / "model.safetensors"),
+    )
+    assert main(["inspect", str(tmp_path), "--json"]) == 0
+    tensors = {t["key"]: t for t in json.loads(capsys.readouterr().out)["tensors"]}
+    assert tensors["model.safetensors:w"] == {
+        "key": "model.safetensors:w",
+        "shape": [3, 4],
+        "dtype": "F32",
+        "bytes": 48,
+    }
+    assert tensors["model.safetensors:b"]["bytes"] == 4
+    assert main(["inspect", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
