@@ -131,12 +131,18 @@ def _fsspec_reader_class() -> type:
 
 
 def safe_reader(checkpoint: str) -> Any:
-    """A DCP storage reader for a local path or fsspec URI that reads metadata safely."""
+    """A DCP storage reader for a local path or fsspec URI that reads metadata safely.
+
+    Local folders get :class:`ckpt_core.storage.fast_reader.FastFileSystemReader`
+    (tensors read straight into their destinations; same format).
+    """
     from ckpt_core.storage import layout
 
     if layout.is_uri(checkpoint):
         return _fsspec_reader_class()(checkpoint)
-    return SafeFileSystemReader(layout.filesystem(checkpoint)[1])
+    from ckpt_core.storage.fast_reader import FastFileSystemReader
+
+    return FastFileSystemReader(layout.filesystem(checkpoint)[1])
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
