@@ -2,9 +2,11 @@
 
 One small protocol for both kinds of storage: :func:`storage_writer` and
 :func:`storage_reader` take a path string (a local folder or ``proto://...``)
-and return torch's own ``FileSystemWriter`` / ``FsspecWriter`` (readers: the
-safe subclasses from :mod:`ckpt_core.storage.safe_metadata`), so what they write
-is plain DCP that torch's tools read.
+and return torch's own ``FileSystemWriter`` / ``FsspecWriter`` (local data files
+go out with ``O_DIRECT``, :mod:`ckpt_core.storage.fast_writer`) and readers that
+unpickle ``.metadata`` safely (:mod:`ckpt_core.storage.safe_metadata`; local
+folders read tensors in place, :mod:`ckpt_core.storage.fast_reader`). What they
+write is plain DCP that torch's tools read.
 
 The writer's file system is wrapped by :class:`ChecksummingFS`: every file DCP
 writes passes through a stream that computes its CRC-32 *while* the bytes are
