@@ -44,6 +44,22 @@ def _rebuild(storage, storage_offset, size, stride, *_args) -> tuple:
     return (storage, int(storage_offset), tuple(size), tuple(stride))
 
 
+def _storage_dtypes() -> dict[str, torch.dtype]:
+    from torch.storage import _dtype_to_storage_type_map
+
+    return {name: dtype for dtype, name in _dtype_to_storage_type_map().items()}
+
+
+_STORAGE_DTYPES = _storage_dtypes()
+
+
+class _StorageType:
+    """Stands for a legacy storage class in ``data.pkl``: only its dtype matters."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+
 class _LayoutUnpickler(pickle.Unpickler):
     """Reads ``data.pkl`` of a one-tensor archive as (storage id, offset, size, stride)."""
 
@@ -52,10 +68,8 @@ class _LayoutUnpickler(pickle.Unpickler):
             return _rebuild
         if (module, name) == ("collections", "OrderedDict"):
             return collections.OrderedDict
-        if module == "torch" and name.endswith("Storage"):
-            cls = getattr(torch, name, None)
-            if isinstance(cls, type) and isinstance(getattr(cls, "dtype", None), torch.dtype):
-                return cls
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(_STORAGE_DTYPES[name])
         raise _Unsupported(f"{module}.{name}")
 
     def persistent_load(self, pid: Any) -> Any:
