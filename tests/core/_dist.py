@@ -46,6 +46,7 @@ def _child(fn: Callable, rank: int, world_size: int, port: int, args: tuple, out
         )
         try:
             result = fn(rank, world_size, *args)
+            dist.barrier()  # no rank tears gloo down while a peer still talks to it
         finally:
             dist.destroy_process_group()
         out.put((rank, True, result))

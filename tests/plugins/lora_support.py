@@ -131,3 +131,31 @@ def randomize_adapters(model: nn.Module, seed: int = 1, std: float = 0.05) -> No
 
 def tokens(batch: int = 2, seq: int = 8, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def save_tiny_hf_llama(folder: str, vocab: int, perturb: bool = False) -> str:
+    """Save a small random ``transformers`` Llama (fp32, untied) to ``folder``.
+
+    With ``perturb``, weights are drawn N(0, 0.1) (norm weights around 1) so an
+    adapter's effect on logits is well above rounding.
+    """
+    import transformers
+
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    if perturb:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if p.dim() == 1 else 0.0))
+    model.save_pretrained(folder)
+    return folder

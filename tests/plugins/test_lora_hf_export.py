@@ -20,6 +20,7 @@ from ckpt_core import Converters, ModelWrapper
 from ckpt_core.exporter import load_additional, write_export
 from ckpt_core.reference import LlamaStateDictAdapter, from_pretrained
 from ckpt_plugins_lora import LoRAConfig, LoRAConverter
+from tests.plugins.lora_support import save_tiny_hf_llama
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -33,24 +34,7 @@ HF_TARGETS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj",
 @pytest.fixture(scope="module")
 def hf_base(tmp_path_factory) -> str:
     """A random HF Llama saved by transformers (fp32)."""
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if p.dim() == 1 else 0.0))
-    folder = tmp_path_factory.mktemp("hf") / "base"
-    model.save_pretrained(str(folder))
-    return str(folder)
+    return save_tiny_hf_llama(str(tmp_path_factory.mktemp("hf") / "base"), VOCAB, perturb=True)
 
 
 class LoadReport:

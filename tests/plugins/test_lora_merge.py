@@ -113,6 +113,7 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
         full = {k: v.full_tensor() for k, v in export.items()}
         if rank == 0:
             torch.save({"fsdp": full, "single": reference}, out)
+        dist.barrier()  # no rank tears gloo down while a peer still talks to it
     finally:
         dist.destroy_process_group()
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.plugins.lora_support import save_tiny_hf_llama
+
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -27,20 +29,7 @@ TOKENS = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_see
 
 @pytest.fixture(scope="module")
 def hf_base(tmp_path_factory) -> str:
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("hf") / "base"
-    transformers.LlamaForCausalLM(config).save_pretrained(str(folder))
-    return str(folder)
+    return save_tiny_hf_llama(str(tmp_path_factory.mktemp("hf") / "base"), VOCAB)
 
 
 def ckpt_train(base: str, job: Path, *args: str, steps: int = 6, nproc: int = 1) -> None:

@@ -24,6 +24,7 @@ from ckpt_core.reference import LlamaStateDictAdapter, build_model
 from ckpt_core.storage import layout
 from ckpt_core.storage.safe_metadata import read_metadata
 from ckpt_plugins_lora import LoRAConfig, LoRAConverter
+from tests.plugins.lora_support import save_tiny_hf_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -33,21 +34,7 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def hf_base(tmp_path_factory) -> str:
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    folder = tmp_path_factory.mktemp("hf") / "base"
-    model.save_pretrained(str(folder))
-    return str(folder)
+    return save_tiny_hf_llama(str(tmp_path_factory.mktemp("hf") / "base"), VOCAB)
 
 
 def batch(step: int) -> torch.Tensor:
