@@ -57,6 +57,15 @@ class StateDictAdapter(ABC):
         """Extra files to write beside this adapter's tensors: name → content."""
         return {}
 
+    def check_source(self, folder: str) -> None:
+        """Raise when the files in ``folder`` were written with incompatible options.
+
+        Called before this adapter's tensors are read from ``folder`` (an
+        additional load). Example: a PEFT adapter whose ``lora_alpha`` differs
+        from the converter's would load with the wrong scaling. Default: no check.
+        """
+        return None
+
     def describe(self) -> dict[str, Any]:
         """JSON-able description recorded in checkpoint manifests.
 

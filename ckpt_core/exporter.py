@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ckpt_core.adapter import StateDictAdapter
-from ckpt_core.errors import ConfigError
+from ckpt_core.errors import CheckpointError, ConfigError
 from ckpt_core.plugins import Converters
 from ckpt_core.storage import layout
 from ckpt_core.transforms import StateDictTransforms, parse_dtype
@@ -242,6 +242,29 @@ def load_additional(
     folder = path
     if adapter.subfolder and layout.exists(layout.join(path, adapter.subfolder)):
         folder = layout.join(path, adapter.subfolder)
+    from ckpt_core.storage.hf_reader import index_folder
+
+    adapter.check_source(folder)
+    available = index_folder(folder)
+    unmatched = sorted(n for n in available if n not in containers)
+    if containers and not any(n in available for n in containers):
+        # PEFT's own loader only warns here and loads an adapter that does nothing.
+        holds = f"it holds e.g. {unmatched[0]!r}" if unmatched else "it holds no tensors"
+        raise CheckpointError(
+            f"additional load of {converter!r} from {folder}: none of its "
+            f"{len(available)} tensors matches the {len(containers)} that the model's "
+            f"{converter!r} keys expect ({holds}; the model expects e.g. "
+            f"{sorted(containers)[0]!r}). Wrong prefix, wrong base model, or other "
+            "target modules?"
+        )
+    if unmatched:
+        logger.warning(
+            "additional load of %r from %s: %d tensors match no key of the model: %s",
+            converter,
+            folder,
+            len(unmatched),
+            unmatched[:10],
+        )
     missing_hf = set(read_into(containers, folder, strict=False))
     found = {k: v for k, v in containers.items() if k not in missing_hf}
     if found:

@@ -159,6 +159,29 @@ class PeftLoraAdapter(StateDictAdapter):
         )
         return {ADAPTER_CONFIG: json.dumps(config, indent=2, sort_keys=True) + "\n"}
 
+    def check_source(self, folder: str) -> None:
+        """Refuse a PEFT adapter whose ``r``/``lora_alpha`` differ from the converter's.
+
+        A different rank would fail on shapes anyway; a different alpha would
+        load silently and scale every update wrongly.
+        """
+        from ckpt_core.storage import layout
+
+        path = layout.join(folder, ADAPTER_CONFIG)
+        if not layout.exists(path):
+            return  # bare safetensors: nothing to compare against
+        fs, inner = layout.filesystem(path)
+        with open(inner) if fs is None else fs.open(inner) as handle:
+            source = json.load(handle)
+        for field, option, ours in (("r", "rank", self.rank), ("lora_alpha", "alpha", self.alpha)):
+            theirs = source.get(field)
+            if theirs is not None and float(theirs) != float(ours):
+                raise CheckpointError(
+                    f"PEFT adapter {path} has {field} = {theirs}, but converters.lora option "
+                    f"{option!r} is {ours}. Set [converters.lora] {option} = {theirs} to "
+                    "load this adapter as it was trained."
+                )
+
     def describe(self) -> dict[str, Any]:
         return {"format": "peft-lora", "target_modules": self.hf_target_modules}
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ckpt_core import Converters, ModelWrapper
+from ckpt_core import CheckpointError, Converters, ModelWrapper
 from ckpt_core.exporter import load_additional, write_export
 from ckpt_core.reference import LlamaStateDictAdapter, ModelArgs, build_model
 from ckpt_core.storage import manifest
@@ -164,6 +164,32 @@ def test_subfolder_adapter_writes_its_keys_from_the_full_view_and_loads_back(tmp
         converters=fresh_convs,
     )
     assert missing == ["layers.1.attention.wq.sidecar.weight"]
+
+
+def test_additional_load_that_matches_no_key_is_an_error_not_a_silent_no_op(tmp_path):
+    from safetensors.torch import save_file
+
+    model = _model()
+    converters = Converters([SidecarConverter()])
+    converters.convert(model)
+    before = model.layers["0"].attention.wq.sidecar.weight.detach().clone()
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    # PEFT names under a wrong prefix: PEFT itself would only warn and load nothing.
+    save_file(
+        {"base_model.model.layers.0.self_attn.q_proj.sidecar.weight": torch.ones_like(before)},
+        str(folder / "adapter_model.safetensors"),
+    )
+    with pytest.raises(CheckpointError, match="none of its 1 tensors matches") as err:
+        load_additional(
+            ModelWrapper(model, converters),
+            str(folder),
+            converter="sidecar",
+            sd_adapter=LlamaStateDictAdapter(model.args),
+            converters=converters,
+        )
+    assert "base_model.model.layers.0.self_attn.q_proj.sidecar.weight" in str(err.value)
+    assert torch.equal(model.layers["0"].attention.wq.sidecar.weight, before)
 
 
 def test_export_writes_an_export_manifest_that_matches_its_files(tmp_path):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from ckpt_core import Converters, ModelWrapper
+from ckpt_core import CheckpointError, Converters, ModelWrapper
 from ckpt_core.exporter import load_additional, write_export
 from ckpt_core.reference import LlamaStateDictAdapter, from_pretrained
 from ckpt_plugins_lora import LoRAConfig, LoRAConverter
@@ -192,6 +192,25 @@ def test_peft_adapter_round_trips_through_a_native_run(hf_base, tmp_path, caplog
         assert torch.equal(again[key], value), key
     reloaded = hf_logits(load_peft(hf_base, out / "adapter", caplog))
     torch.testing.assert_close(reloaded, expected, atol=1e-5, rtol=0)
+
+
+def test_peft_adapter_trained_with_another_alpha_is_refused_not_misscaled(hf_base, tmp_path):
+    base_model = transformers.LlamaForCausalLM.from_pretrained(hf_base)
+    peft_config = peft.LoraConfig(
+        r=4, lora_alpha=32, target_modules=["q_proj"], init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )  # fmt: skip
+    peft_dir = tmp_path / "peft"
+    peft.get_peft_model(base_model, peft_config).save_pretrained(str(peft_dir))
+
+    model, convs, adapter = lora_run(hf_base, rank=4, alpha=16, target_modules=["wq"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match="lora_alpha = 32.*'alpha' is 16"):
+        load_additional(
+            ModelWrapper(model, convs), str(peft_dir), converter="lora", sd_adapter=adapter,
+            converters=convs,
+        )  # fmt: skip
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def _qat_linear(linear: nn.Linear) -> nn.Linear:
