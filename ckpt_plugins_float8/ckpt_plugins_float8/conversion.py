@@ -108,6 +108,34 @@ def skip_reason(module: nn.Module, fqn: str, filter_fqns: list[str]) -> str | No
     return None
 
 
+def refuse_changed_linears(model: nn.Module, filter_fqns: list[str]) -> None:
+    """Refuse target linears whose ``forward`` another converter replaced (e.g. QAT's).
+
+    ``Float8Linear.from_float`` keeps only the weight and bias, so swapping such a
+    linear would silently drop what the other converter does (QAT's fake
+    quantization). The check runs before any swap, so the model is left untouched.
+    """
+    from torchao.float8.float8_linear import Float8Linear
+
+    changed = [
+        (canonical_fqn(fqn), type(module).__name__)
+        for fqn, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and not isinstance(module, Float8Linear)
+        and type(module).forward is not nn.Linear.forward
+        and skip_reason(module, canonical_fqn(fqn), filter_fqns) is None
+    ]
+    if changed:
+        names = ", ".join(f"{fqn} ({cls})" for fqn, cls in changed[:4])
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+        raise ConfigError(
+            f"Converter 'float8': {names}{more} are not plain nn.Linear: another converter "
+            "(e.g. 'qat') already changed their forward, and Float8Linear would drop that. "
+            "'qat' and 'float8' cannot both convert one linear: add its name to "
+            "converters.float8.filter_fqns or remove it from converters.qat.targets."
+        )
+
+
 def convert_model(model: nn.Module, config: Float8Config, emulate: bool) -> Targets:
     """Swap the target linears of ``model`` for ``Float8Linear``, in place."""
     float8 = import_torchao_float8()
@@ -118,6 +146,7 @@ def convert_model(model: nn.Module, config: Float8Config, emulate: bool) -> Targ
             "Converter 'float8' converts the linears inside a model; got a bare nn.Linear as "
             "the model part. Wrap it in a module."
         )
+    refuse_changed_linears(model, config.filter_fqns)
     targets = Targets()
 
     def module_filter_fn(module: nn.Module, fqn: str) -> bool:

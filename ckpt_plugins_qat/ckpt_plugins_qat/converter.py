@@ -88,8 +88,10 @@ class QATConverter(Converter):
             if type(module) is not nn.Linear:
                 raise ConfigError(
                     f"converters.qat: layer {name!r} is a {type(module).__name__}, not a plain "
-                    "nn.Linear; put 'qat' before the converter that made it in "
-                    "converters.enabled (qat fake-quantizes plain linears, LoRA wraps them)."
+                    "nn.Linear; qat fake-quantizes plain linears only. 'qat' and 'float8' "
+                    "cannot both convert one linear: remove it from converters.qat.targets or "
+                    "add it to converters.float8.filter_fqns ('lora', which wraps qat linears, "
+                    "goes after 'qat' in converters.enabled)."
                 )
             check_linear(name, module.in_features, self.scheme, self.config.group_size)
             selected.add(name)

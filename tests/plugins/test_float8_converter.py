@@ -120,6 +120,26 @@ def test_convert_targets_every_reference_linear_except_output():
     assert len(conv.converted) == 14  # 2 layers x (4 attention + 3 feed-forward)
 
 
+def test_qat_linears_are_refused_before_any_swap_unless_filtered_out():
+    qat = pytest.importorskip("ckpt_plugins_qat")
+    model = tiny()
+    options = {"group_size": 32, "targets": ["wq"]}
+    qat.QATConverter(qat.QATConverter.Config(**options)).convert(model)
+    fake_quantized = type(model.layers["0"].attention.wq)
+    with pytest.raises(ConfigError) as err:
+        float8().convert(model)
+    message = str(err.value)
+    assert "layers.0.attention.wq (FakeQuantizedLinear)" in message
+    assert "filter_fqns" in message and "converters.qat.targets" in message
+    assert not any(isinstance(m, Float8Linear) for m in model.modules())  # nothing swapped
+
+    conv = Float8Converter(Float8Converter.Config(emulate=True, filter_fqns=["output", "wq"]))
+    Converters([conv]).convert(model)
+    assert type(model.layers["0"].attention.wq) is fake_quantized  # QAT kept
+    assert isinstance(model.layers["0"].attention.wk, Float8Linear)
+    assert len(conv.converted) == 12
+
+
 # -- training ------------------------------------------------------------------
 
 

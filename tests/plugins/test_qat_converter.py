@@ -115,14 +115,15 @@ def test_invalid_options_are_config_errors_naming_the_option(options, fragment):
     assert fragment in format_validation_error("qat", err.value)
 
 
-def test_a_non_plain_linear_target_asks_for_qat_first():
-    class Wrapped(nn.Linear):
-        pass
-
+def test_a_float8_linear_target_is_refused_naming_both_converters_and_the_fix():
+    Float8Converter = pytest.importorskip("ckpt_plugins_float8").Float8Converter
     model = tiny()
-    model.layers["0"].attention.wq = Wrapped(128, 128, bias=False)
-    with pytest.raises(ConfigError, match="before"):
+    Float8Converter(Float8Converter.Config(emulate=True)).convert(model)
+    with pytest.raises(ConfigError) as err:
         qat(group_size=32).convert(model)
+    message = str(err.value)
+    assert "'layers.0.attention.wq' is a Float8Linear" in message
+    assert "converters.qat.targets" in message and "converters.float8.filter_fqns" in message
 
 
 @pytest.mark.parametrize("scheme", sorted(SCHEMES))
