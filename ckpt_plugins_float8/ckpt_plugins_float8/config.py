@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from ckpt_core.converter import ConverterConfig
 
@@ -50,12 +50,26 @@ class Float8Config(ConverterConfig):
         ),
     )
 
-    @model_validator(mode="after")
-    def _all_gather_needs_tensorwise(self) -> Float8Config:
-        if self.enable_fsdp_float8_all_gather and self.recipe != "tensorwise":
+    @field_validator("emulate", mode="before")
+    @classmethod
+    def _emulate_value(cls, value: Any) -> Any:
+        if value == "auto" or isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+        raise ValueError("must be 'auto', true or false")
+
+    @field_validator("enable_fsdp_float8_all_gather")
+    @classmethod
+    def _all_gather_needs_tensorwise(cls, value: bool, info: ValidationInfo) -> bool:
+        recipe = info.data.get("recipe")
+        if value and recipe is not None and recipe != "tensorwise":
             raise ValueError(
-                f"enable_fsdp_float8_all_gather=true needs recipe 'tensorwise' (got "
-                f"recipe={self.recipe!r}); torchao's float8 all-gather has per-tensor scales "
-                "only. Set recipe = 'tensorwise' or enable_fsdp_float8_all_gather = false."
+                f"true needs recipe 'tensorwise' (got recipe={recipe!r}); torchao's float8 "
+                "all-gather has per-tensor scales only. Set recipe = 'tensorwise' or "
+                "enable_fsdp_float8_all_gather = false."
             )
-        return self
+        return value

@@ -64,11 +64,21 @@ def test_fsdp_float8_all_gather_with_rowwise_is_refused_naming_both_options():
     assert "enable_fsdp_float8_all_gather" in text and "tensorwise" in text
 
 
-def test_unknown_recipe_and_emulate_values_are_refused():
-    with pytest.raises(ValidationError):
-        Float8Converter.Config(recipe="blockwise")
-    with pytest.raises(ValidationError):
-        Float8Converter.Config(emulate="sometimes")
+def test_unknown_recipe_and_emulate_values_are_config_errors_naming_option_and_values():
+    with pytest.raises(ConfigError, match="option 'recipe'.*'tensorwise' or 'rowwise'"):
+        Converters.from_config(["float8"], {"float8": {"recipe": "blockwise"}})
+    with pytest.raises(ConfigError) as err:
+        Converters.from_config(["float8"], {"float8": {"emulate": "sometimes"}})
+    message = str(err.value)
+    assert "option 'emulate'" in message and "'auto', true or false" in message
+    assert message.count("\n") == 0  # one message, not one per union member
+    assert Float8Converter.Config(emulate="false").emulate is False  # CLI strings parse
+
+
+def test_rowwise_all_gather_error_is_reported_under_the_all_gather_option():
+    options = {"recipe": "rowwise", "enable_fsdp_float8_all_gather": True}
+    with pytest.raises(ConfigError, match="option 'enable_fsdp_float8_all_gather'"):
+        Converters.from_config(["float8"], {"float8": options})
 
 
 @no_float8_gpu
