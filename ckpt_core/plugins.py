@@ -250,6 +250,14 @@ class Converters:
 
     def _enable_tracing(self) -> None:
         trace = logging.getLogger("ckpt_core.trace")
+        # The variable is an explicit request: make the lines visible even when the
+        # program configured no logging (Python would drop INFO records then).
+        if trace.getEffectiveLevel() > logging.INFO:
+            trace.setLevel(logging.INFO)
+        if not trace.hasHandlers():
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+            trace.addHandler(handler)
 
         def before(hook_name: str, impls: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
             who = ", ".join(impl.plugin_name for impl in impls)

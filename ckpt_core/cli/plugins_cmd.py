@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import typing
 from typing import Any
 
 HELP = "list discovered converters with their options"
@@ -23,8 +24,7 @@ def describe_options(config_cls: Any) -> list[dict[str, Any]]:
         default = field.get_default(call_default_factory=True)
         if default is PydanticUndefined:
             default = "<required>"
-        ann = field.annotation
-        type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        type_name = _type_name(field.annotation)
         out.append(
             {
                 "name": name,
@@ -34,6 +34,13 @@ def describe_options(config_cls: Any) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def _type_name(ann: Any) -> str:
+    """``int``, ``list[str]``, ``Literal['a', 'b']``: the allowed values stay visible."""
+    if isinstance(ann, type) and not typing.get_args(ann):
+        return ann.__name__
+    return str(ann).replace("typing.", "")
 
 
 def _jsonable(value: Any) -> Any:

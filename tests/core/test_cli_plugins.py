@@ -13,7 +13,11 @@ def test_ckpt_plugins_lists_bundled_converters_with_options(capsys):
     assert {"lora", "qat", "float8"} <= set(records)
     assert records["lora"]["distribution"] == "ckpt-plugins-lora"
     rank = next(o for o in records["lora"]["options"] if o["name"] == "rank")
-    assert rank["default"] == 8 and rank["description"]
+    assert rank["default"] == 8 and rank["type"] == "int" and rank["description"]
+    recipe = next(o for o in records["float8"]["options"] if o["name"] == "recipe")
+    assert "'tensorwise'" in recipe["type"] and "'rowwise'" in recipe["type"]
+    targets = next(o for o in records["lora"]["options"] if o["name"] == "target_modules")
+    assert targets["type"] == "list[str]"
     assert {o["name"] for o in records["qat"]["options"]} >= {"scheme", "group_size", "targets"}
     assert {o["name"] for o in records["float8"]["options"]} >= {"recipe", "emulate", "export"}
 

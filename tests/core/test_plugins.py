@@ -123,6 +123,12 @@ def test_class_without_config_or_name_is_rejected(fake_dist):
     fake_dist("nocfg-dist", {"nocfg": "nocfgmod:NoConfig"}, {"nocfgmod": src})
     with pytest.raises(PluginError, match="Config"):
         Converters.from_config(["nocfg"])
+    src1 = "class NoName:\n    class Config:\n        pass\n"
+    fake_dist("noname-dist", {"noname": "nonamemod:NoName"}, {"nonamemod": src1})
+    with pytest.raises(PluginError) as err:
+        Converters.from_config(["noname"])
+    assert "'noname'" in str(err.value) and "noname-dist" in str(err.value)
+    assert "no string 'name'" in str(err.value)
     src2 = GOOD.replace('name: ClassVar[str] = "tag"', 'name: ClassVar[str] = "other"')
     fake_dist("misnamed-dist", {"misnamed": "misnamedmod:Tag"}, {"misnamedmod": src2})
     with pytest.raises(PluginError, match="'other'"):
@@ -189,13 +195,27 @@ def test_disable_autoload_hides_entry_points(monkeypatch):
         Converters.from_config(["lora"])
 
 
-def test_trace_env_logs_every_hook_call(monkeypatch, caplog):
+def test_trace_env_logs_every_hook_call_with_arguments_and_result(monkeypatch, caplog):
+    trace = logging.getLogger("ckpt_core.trace")
+    monkeypatch.setattr(trace, "level", logging.NOTSET)
+    monkeypatch.setattr(logging.getLogger(), "level", logging.WARNING)  # nothing configured
     monkeypatch.setenv("CKPT_TRACE_PLUGINS", "1")
     convs = Converters([Recorder(name="t")])
-    with caplog.at_level(logging.INFO, logger="ckpt_core.trace"):
-        convs.state_dict_transform({"k": torch.ones(1)})
+    convs.state_dict_transform({"k": torch.ones(1)})
+    convs.key_filter("some.key")
     text = caplog.text
-    assert "hook state_dict_transform" in text and "returned" in text
+    assert "hook state_dict_transform -> [t] args={'state_dict': {'k': tensor([1.])}}" in text
+    assert "hook state_dict_transform returned [{'k': tensor([1.]), 'by_t': tensor([0.])}]" in text
+    # Recorder has no key_filter: a hook nobody implements is not called, so not traced.
+    assert "key_filter" not in text
+
+
+def test_without_the_trace_env_hook_calls_are_not_logged(monkeypatch, caplog):
+    monkeypatch.delenv("CKPT_TRACE_PLUGINS", raising=False)
+    convs = Converters([Recorder(name="t")])
+    with caplog.at_level(logging.DEBUG):
+        convs.state_dict_transform({})
+    assert "hook state_dict_transform" not in caplog.text
 
 
 def test_duplicate_converter_names_are_refused():
