@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -46,6 +47,9 @@ CHECK = textwrap.dedent(
 @pytest.fixture(scope="module")
 def installed_example(tmp_path_factory):
     target = tmp_path_factory.mktemp("site")
+    # Build from a copy: an in-tree build would leave build/ and *.egg-info in docs/examples.
+    source = tmp_path_factory.mktemp("src") / EXAMPLE.name
+    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
     subprocess.run(
         [
             sys.executable,
@@ -57,7 +61,7 @@ def installed_example(tmp_path_factory):
             "--no-build-isolation",
             "--target",
             str(target),
-            str(EXAMPLE),
+            str(source),
         ],
         check=True,
         capture_output=True,
