@@ -89,6 +89,13 @@ class CheckpointManager:
                     f"(reserved: {list(CORE_STATES)}); pick another name."
                 )
             self.states[name] = as_stateful(obj, name)
+        unknown = [n for n in config.exclude_from_loading if n not in {*self.states, *CORE_STATES}]
+        if unknown:
+            raise ConfigError(
+                f"checkpoint.exclude_from_loading: unknown state {unknown[0]!r}. Allowed: "
+                f"{sorted({*self.states, *CORE_STATES} - {'model'})} (the manager's states "
+                "and the names passed in states=...)."
+            )
         self.export_enabled = self._check_export()
         self._model_description = self._describe_model()  # for manifests
         self.process_group = dist.new_group(backend="gloo") if _dist_on() else None

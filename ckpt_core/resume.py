@@ -95,8 +95,10 @@ def check_step(folder: str, step: int, *, explicit: bool = False) -> dict[str, A
     if problems:
         intact = newest_intact(folder, exclude=step)
         hint = (
-            f"The newest intact step is {intact}: set checkpoint.load_step = {intact} to "
-            "resume from it (and remove or move the damaged folder)."
+            f"The newest intact step is {intact} (its file sizes match its manifest; "
+            f"`ckpt verify {layout.step_dir(folder, intact)}` also checks checksums): set "
+            f"checkpoint.load_step = {intact} to resume from it (and remove or move the "
+            "damaged folder)."
             if intact is not None
             else "No other intact step exists in this folder."
         )

@@ -34,6 +34,8 @@ def step_folders(path: str, step: int | None) -> list[str]:
     from ckpt_core.errors import CheckpointError
     from ckpt_core.storage import layout, manifest
 
+    if not layout.exists(path):
+        raise CheckpointError(f"{path} does not exist; pass a step folder or a checkpoint folder.")
     if layout.exists(layout.join(path, manifest.MANIFEST_NAME)) or layout.exists(
         layout.join(path, ".metadata")
     ):

@@ -52,6 +52,19 @@ def test_verify_reports_missing_and_unlisted_files(tmp_path, capsys):
     assert "__0_0.distcp: missing" in out and "stray.bin: unlisted" in out
 
 
+def test_verify_exit_codes_name_a_missing_path_a_missing_step_and_a_manifestless_step(
+    tmp_path, capsys
+):
+    _two_steps(tmp_path)
+    assert main(["verify", str(tmp_path / "nope")]) == 2
+    assert f"{tmp_path / 'nope'} does not exist" in capsys.readouterr().err
+    assert main(["verify", str(tmp_path), "--step", "9"]) == 2
+    assert "has no committed step 9; it has [1, 2]" in capsys.readouterr().err
+    os.remove(tmp_path / "step-2" / "manifest.json")
+    assert main(["verify", str(tmp_path / "step-2")]) == 1
+    assert "manifest.json: missing" in capsys.readouterr().out
+
+
 def test_inspect_lists_steps_states_tensors_and_the_manifest(tmp_path, capsys):
     _two_steps(tmp_path)
     os.makedirs(tmp_path / ".tmp-step-3")

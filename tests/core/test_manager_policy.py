@@ -199,6 +199,14 @@ def test_exclude_from_loading_leaves_those_states_alone(tmp_path):
     assert other.sched.last_epoch == 0
 
 
+def test_an_unknown_state_in_exclude_from_loading_names_it_and_the_allowed_ones(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        Trainable(folder=str(tmp_path), exclude_from_loading=["dataloder"])
+    msg = str(err.value)
+    assert "checkpoint.exclude_from_loading: unknown state 'dataloder'" in msg
+    assert "'dataloader'" in msg and "'train_state'" in msg
+
+
 def test_a_different_architecture_is_refused_naming_keys_and_shapes(tmp_path):
     run = Trainable(folder=str(tmp_path), interval=1, dim=16)
     run.manager.save(1)

@@ -11,7 +11,7 @@ import pytest
 
 from ckpt_core import CheckpointError
 from ckpt_core.storage import layout, manifest, purge
-from ckpt_core.storage.safe_metadata import UnsafeMetadataError, read_metadata
+from ckpt_core.storage.safe_metadata import UnsafeMetadataError, loads_metadata, read_metadata
 from tests.core._manager_models import Trainable, assert_same, snapshot
 
 
@@ -37,6 +37,59 @@ def _fabricate_crash_states(folder) -> dict[int, dict]:
     return weights
 
 
+def _save_one_step_then_die_saving_the_next(folder: str, where: str) -> None:
+    """Child process: commit step 1, then get killed (``os._exit``) while saving step 2."""
+    import torch
+
+    from ckpt_core.storage import dcp_io
+
+    torch.set_num_threads(1)
+    run = Trainable(folder=folder, interval=1)
+    run.step()
+    run.manager.save(1)
+    run.step()
+    if where == "while writing data":
+        real_write = dcp_io._ChecksumStream.write
+
+        def write_half_then_die(self, data):
+            view = memoryview(data).cast("B")
+            real_write(self, view[: view.nbytes // 2])
+            os._exit(17)
+
+        dcp_io._ChecksumStream.write = write_half_then_die
+    else:  # everything written, manifest included; killed just before the rename
+        layout.commit = lambda *args, **kwargs: os._exit(17)
+    run.manager.save(2)
+    os._exit(0)
+
+
+@pytest.mark.parametrize("where", ["while writing data", "before the commit rename"])
+def test_a_save_killed_midway_never_becomes_a_step_discovery_loads(tmp_path, where):
+    import multiprocessing
+
+    child = multiprocessing.get_context("fork").Process(
+        target=_save_one_step_then_die_saving_the_next, args=(str(tmp_path), where)
+    )
+    child.start()
+    child.join(60)
+    assert child.exitcode == 17
+    assert layout.committed_steps(str(tmp_path)) == [1]
+    assert (tmp_path / ".tmp-step-2").is_dir()
+
+    reference = Trainable(folder=str(tmp_path / "unused"))
+    reference.step()  # the same seed and batch as the child's step 1
+    resumed = Trainable(seed=3, folder=str(tmp_path), interval=1)
+    assert resumed.manager.load() is True
+    assert resumed.manager.train_state.step == 1
+    assert_same(snapshot(resumed.model), snapshot(reference.model))
+    # Saving step 2 again replaces the leftover; everything committed verifies.
+    resumed.step()
+    assert resumed.manager.save(2) is True
+    resumed.manager.close()
+    assert sorted(os.listdir(tmp_path)) == ["step-1", "step-2"]
+    assert manifest.verify(str(tmp_path / "step-2")) == []
+
+
 def test_a_damaged_newest_step_is_refused_naming_the_file_and_the_newest_intact_step(tmp_path):
     weights = _fabricate_crash_states(tmp_path)
     run = Trainable(seed=3, folder=str(tmp_path))
@@ -45,6 +98,7 @@ def test_a_damaged_newest_step_is_refused_naming_the_file_and_the_newest_intact_
     message = str(info.value)
     assert "__0_0.distcp: truncated" in message
     assert "load_step = 2" in message  # step-3 has no manifest, so it is not "intact"
+    assert f"ckpt verify {tmp_path / 'step-2'}" in message
     fixed = Trainable(seed=3, folder=str(tmp_path), load_step=2)
     fixed.manager.load()
     assert_same(snapshot(fixed.model), weights[2])
@@ -128,6 +182,31 @@ def test_a_metadata_file_with_a_code_payload_is_refused_without_running_it(tmp_p
     # The genuine metadata of a fresh save still loads through the same reader.
     run.manager.save(2)
     assert "model.inp.weight" in read_metadata(str(tmp_path / "step-2")).state_dict_metadata
+
+
+def _global_call(module: str, name: str) -> bytes:
+    """A protocol-4 pickle that looks up ``module.name`` and calls it with ``("1",)``."""
+
+    def short(text: str) -> bytes:
+        raw = text.encode()
+        return b"\x8c" + bytes([len(raw)]) + raw
+
+    return b"\x80\x04" + short(module) + short(name) + b"\x93" + short("1") + b"\x85R."
+
+
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [
+        ("builtins", "eval"),
+        ("builtins", "getattr"),
+        ("torch", "load"),
+        ("torch.distributed.checkpoint.metadata", "Metadata.__init__"),
+        ("os", "system"),
+    ],
+)
+def test_the_restricted_unpickler_refuses_globals_outside_dcp_metadata(module, name):
+    with pytest.raises(UnsafeMetadataError, match=f"references {module}.{name}"):
+        loads_metadata(_global_call(module, name))
 
 
 def test_checkpoints_round_trip_through_an_fsspec_memory_filesystem():
