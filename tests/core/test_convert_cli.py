@@ -203,3 +203,57 @@ def test_convert_applies_the_converters_recorded_in_the_manifest(tmp_path, codes
     assert not any(k.endswith(".codes") for k in raw)
     assert not os.path.exists(tmp_path / "raw" / "adapter")
     assert torch.equal(raw["lm_head.weight"], model.output.weight)
+
+
+def test_convert_of_a_lora_checkpoint_writes_a_merged_model_and_its_peft_adapter(tmp_path):
+    import warnings
+
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("ckpt_plugins_lora")
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    from ckpt_core import CheckpointConfig, CheckpointManager, Converters
+
+    torch.manual_seed(0)
+    model = build_model(ARGS).eval()
+    converters = Converters.from_config(["lora"], {"lora": {"rank": 4, "alpha": 8}})
+    converters.convert(model)
+    with torch.no_grad():  # trained factors: B != 0, so merging changes the weights
+        for name, p in model.named_parameters():
+            if "lora_b" in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+    config = CheckpointConfig(folder=str(tmp_path / "ckpt"), export={"enable": False})
+    manager = CheckpointManager(
+        config, model, converters=converters, sd_adapter=LlamaStateDictAdapter(ARGS)
+    )
+    manager.save(4, last_step=True)
+    manager.close()
+    tokens = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = model(tokens)
+
+    # converters default to the manifest's: LoRA merges and writes its PEFT adapter
+    assert _convert(tmp_path / "ckpt", tmp_path / "merged", "--to", "hf") == 0
+    merged, info = transformers.LlamaForCausalLM.from_pretrained(
+        str(tmp_path / "merged"), output_loading_info=True
+    )
+    assert not any(info.values()), info
+    with torch.no_grad():
+        assert (merged.eval()(tokens).logits - want).abs().max().item() < 1e-4
+    # DCP's HF reader sees the model files only: the adapter lives in its subfolder
+    keys = set(
+        HuggingFaceStorageReader(str(tmp_path / "merged")).read_metadata().state_dict_metadata
+    )
+    assert keys == set(_tensors(tmp_path / "merged")) and not any("lora" in k for k in keys)
+
+    # the base as stored (no converters) plus the PEFT adapter is the same model again
+    assert _convert(tmp_path / "ckpt", tmp_path / "base", "--to", "hf", "--converters", "none") == 0
+    base = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "base")).eval()
+    with torch.no_grad():
+        assert (base(tokens).logits - want).abs().max().item() > 1e-3
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*(missing|unexpected|not used).*")
+        adapted = peft.PeftModel.from_pretrained(base, str(tmp_path / "merged" / "adapter"))
+    with torch.no_grad():
+        assert (adapted.eval()(tokens).logits - want).abs().max().item() < 1e-4
