@@ -117,6 +117,8 @@ def main() -> None:
     model = Blob(nbytes)
     nbytes = sum(p.numel() * 4 for p in model.parameters())
     gb = nbytes / 1e9
+    if args.dir is not None:
+        os.makedirs(args.dir, exist_ok=True)
     root = tempfile.mkdtemp(prefix="ckpt-bench-", dir=args.dir)
     sync_mgr = CheckpointManager(CheckpointConfig(folder=f"{root}/sync", interval=1), model)
     async_mgr = CheckpointManager(
