@@ -7,8 +7,10 @@
 * ``export``: ``full`` through the converters' ``state_dict_transform`` chain.
 
 Nothing is snapshotted at construction: each call reads the live modules, and
-the returned tensors share storage with the parameters and buffers (so an async
-stager that keys buffers by storage always sees current values). Tensor
+the returned tensors share storage with the parameters and buffers. Tensors that
+state-dict hooks build fresh at each call are fresh here too; the async stager
+keys its buffers by the entry's path, never by storage, so it copies them anew
+at every save. Tensor
 subclasses that wrap one plain tensor (Float8 all-gather weights) are unwrapped
 to that tensor, which shares the same storage.
 """

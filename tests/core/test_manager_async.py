@@ -143,3 +143,27 @@ def test_buffers_a_forward_pass_updates_are_staged_before_save_returns(tmp_path,
     loaded = Trainable(seed=3, folder=str(tmp_path))
     loaded.manager.load()
     assert_same(snapshot(loaded.model), expected)
+
+
+def test_tensors_a_state_dict_hook_builds_fresh_are_never_saved_stale(tmp_path):
+    """The torchtitan trap: staging keyed by storage kept a hook tensor's first value."""
+    import torch.distributed.checkpoint as dcp
+
+    from ckpt_core.storage.dcp_io import storage_reader
+
+    run = Trainable(folder=str(tmp_path), interval=1, async_mode="async")
+
+    def add_derived(module, state_dict, prefix, local_metadata):
+        state_dict[prefix + "derived"] = module.inp.weight.detach() * 2  # fresh every call
+
+    run.model._register_state_dict_hook(add_derived)
+    expected = {}
+    for step in (1, 2, 3):
+        run.step()
+        expected[step] = run.model.inp.weight.detach() * 2
+        run.manager.save(step)
+    run.manager.close()
+    for step, want in expected.items():
+        got = {"model": {"derived": torch.empty_like(want)}}
+        dcp.load(got, storage_reader=storage_reader(str(tmp_path / f"step-{step}")))
+        assert torch.equal(got["model"]["derived"], want), step
