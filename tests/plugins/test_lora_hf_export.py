@@ -163,6 +163,26 @@ def test_export_adapter_keeps_the_base_weights_and_merged_writes_no_adapter(hf_b
         assert not any("lora" in k for k in weights)
 
 
+@pytest.mark.parametrize("mode", ["adapter", "merged"])
+def test_adapter_and_merged_exports_load_with_the_trained_logits(hf_base, tmp_path, caplog, mode):
+    model, convs, adapter = lora_run(
+        hf_base, rank=2, alpha=4, target_modules=["wq", "w2"], export=mode
+    )
+    train(model, steps=3)
+    with torch.no_grad():
+        native = model.eval()(TOKENS)
+    out = export(model, convs, adapter, tmp_path)
+    with LoadReport(caplog):
+        loaded = transformers.LlamaForCausalLM.from_pretrained(str(out)).eval()
+    if mode == "adapter":  # the folder's own (unmerged) weights are the base for its adapter
+        with LoadReport(caplog):
+            loaded = peft.PeftModel.from_pretrained(loaded, str(out / "adapter")).eval()
+    logits = hf_logits(loaded)
+    torch.testing.assert_close(logits, native, atol=1e-4, rtol=0)
+    untrained = hf_logits(transformers.LlamaForCausalLM.from_pretrained(hf_base).eval())
+    assert (logits - untrained).abs().max() > 1e-2
+
+
 def test_peft_adapter_round_trips_through_a_native_run(hf_base, tmp_path, caplog):
     torch.manual_seed(3)
     base_model = transformers.LlamaForCausalLM.from_pretrained(hf_base)
