@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import typing
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -36,6 +37,19 @@ def format_validation_error(converter: str, exc: ValidationError) -> str:
             msg = "unknown option"
         lines.append(f"Converter {converter!r} option {loc!r}: {msg} (got {err.get('input')!r})")
     return "\n".join(lines)
+
+
+def split_list_options(config_cls: Any, raw: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Options as given, except that a list option given as ``"a,b"`` becomes ``["a", "b"]``
+    (what ``--converters.<name>.<option> a,b`` on a command line produces)."""
+    out = dict(raw or {})
+    fields = getattr(config_cls, "model_fields", {})
+    for key, value in out.items():
+        field = fields.get(key)
+        if isinstance(value, str) and field is not None:
+            if typing.get_origin(field.annotation) in (list, tuple):
+                out[key] = [v.strip() for v in value.split(",") if v.strip()]
+    return out
 
 
 class Converters:
@@ -99,7 +113,7 @@ class Converters:
         for name in enabled:
             conv_cls = classes[name]
             try:
-                config = conv_cls.Config(**dict(options.get(name) or {}))
+                config = conv_cls.Config(**split_list_options(conv_cls.Config, options.get(name)))
             except ValidationError as exc:
                 raise ConfigError(format_validation_error(name, exc)) from None
             try:

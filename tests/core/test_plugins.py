@@ -86,6 +86,13 @@ def test_invalid_option_names_converter_option_and_reason():
     assert "Converter 'lora' option 'bogus': unknown option" in msg
 
 
+def test_list_options_given_as_comma_separated_text_become_lists():
+    convs = Converters.from_config(["qat", "lora"], {"qat": {"targets": "wq, wv"}})
+    assert convs["qat"].config.targets == ["wq", "wv"]
+    with pytest.raises(ConfigError, match="Converter 'lora' option 'rank'"):
+        Converters.from_config(["lora"], {"lora": {"rank": "8,9"}})  # not a list option
+
+
 def test_ordering_constraint_names_both_converters():
     with pytest.raises(ConfigError) as err:
         Converters.from_config(["lora", "qat"])
