@@ -30,9 +30,13 @@ class ConverterEntry:
     distribution: str
     version: str
     entry_point: metadata.EntryPoint | None = None
+    #: Set when two distributions claim this name: the error ``load`` raises.
+    conflict: str | None = None
 
     def load(self) -> type:
         """Import the converter class, wrapping failures in a :class:`PluginError`."""
+        if self.conflict is not None:
+            raise PluginError(self.conflict)
         if self.entry_point is None:
             return _manual[self.name]
         try:
@@ -68,7 +72,9 @@ def unregister_converter_class(name: str) -> None:
 def discover_converters() -> dict[str, ConverterEntry]:
     """All converters by name: entry points (unless disabled) plus manual ones.
 
-    Raises :class:`PluginError` when two distributions claim the same name.
+    A name two distributions claim is listed with a ``conflict``: loading it (a
+    run that enables it, ``ckpt plugins``) raises a :class:`PluginError` naming
+    both; runs that do not enable it are unaffected.
     """
     found: dict[str, ConverterEntry] = {}
     if not autoload_disabled():
@@ -78,10 +84,16 @@ def discover_converters() -> dict[str, ConverterEntry]:
             entry = ConverterEntry(ep.name, ep.value, dist, version, ep)
             prior = found.get(ep.name)
             if prior is not None and (prior.distribution, prior.value) != (dist, ep.value):
-                raise PluginError(
-                    f"Converter name {ep.name!r} is claimed by two distributions: "
-                    f"{prior.distribution!r} ({prior.value}) and {dist!r} ({ep.value}). "
-                    "Uninstall one of them."
+                entry = ConverterEntry(
+                    ep.name,
+                    f"{prior.value} | {ep.value}",
+                    f"{prior.distribution}, {dist}",
+                    f"{prior.version}, {version}",
+                    conflict=(
+                        f"Converter name {ep.name!r} is claimed by two distributions: "
+                        f"{prior.distribution!r} ({prior.value}) and {dist!r} ({ep.value}). "
+                        "Uninstall one of them."
+                    ),
                 )
             found[ep.name] = entry
     for name, cls in _manual.items():

@@ -37,3 +37,12 @@ def test_unknown_subcommand_option_is_refused(capsys):
         assert exc.code == 2
     else:
         raise AssertionError("expected argparse to exit")
+
+
+def test_ckpt_plugins_reports_a_name_two_distributions_claim_on_its_own_line(fake_dist, capsys):
+    fake_dist("first-dist", {"dup": "dupmod:X"}, {"dupmod": "X = 1"})
+    fake_dist("second-dist", {"dup": "dupmod2:X"}, {"dupmod2": "X = 2"})
+    assert main(["plugins"]) == 1
+    out = capsys.readouterr().out
+    assert "ERROR: Converter name 'dup' is claimed by two distributions" in out
+    assert "lora  (ckpt-plugins-lora" in out

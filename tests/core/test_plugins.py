@@ -109,12 +109,16 @@ def test_discovery_finds_an_installed_distribution_and_imports_lazily(fake_dist)
     assert convs.key_filter("a.tag") and not convs.key_filter("a.weight")
 
 
-def test_two_distributions_claiming_one_name_is_an_error(fake_dist):
+def test_two_distributions_claiming_one_name_is_an_error_naming_both(fake_dist):
     fake_dist("first-dist", {"tag": "tagmod:Tag"}, {"tagmod": GOOD})
     fake_dist("second-dist", {"tag": "othermod:Tag"}, {"othermod": GOOD})
     with pytest.raises(PluginError) as err:
-        discover_converters()
-    assert "first-dist" in str(err.value) and "second-dist" in str(err.value)
+        Converters.from_config(["tag"])
+    msg = str(err.value)
+    assert "'tag' is claimed by two distributions" in msg
+    assert "'first-dist' (tagmod:Tag)" in msg and "'second-dist' (othermod:Tag)" in msg
+    assert Converters.from_config(["lora"]).names == ["lora"]  # other runs are unaffected
+    assert "tagmod" not in sys.modules and "othermod" not in sys.modules
 
 
 def test_plugin_that_fails_to_import_breaks_only_runs_that_enable_it(fake_dist):
