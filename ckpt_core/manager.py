@@ -34,7 +34,7 @@ from ckpt_core import owned_only
 from ckpt_core.adapter import StateDictAdapter
 from ckpt_core.async_save import AsyncCheckpointer
 from ckpt_core.config import CORE_STATES, CheckpointConfig
-from ckpt_core.errors import ConfigError
+from ckpt_core.errors import CheckpointError, ConfigError
 from ckpt_core.model_wrapper import ModelWrapper
 from ckpt_core.plugins import Converters
 from ckpt_core.states import LRSchedulersContainer, ModelState, OptimizersContainer, as_stateful
@@ -109,6 +109,7 @@ class CheckpointManager:
         )
         self._purger = Purger(config.folder, config.keep_latest_k)
         self._loaded_step: int | None = None
+        self._closed = False
 
     def _check_export(self) -> bool:
         export = self.config.export
@@ -161,6 +162,11 @@ class CheckpointManager:
         Holds no gating, so subclasses can reuse it. Returns False when the step
         is already committed (a committed step is never overwritten).
         """
+        if self._closed:
+            raise CheckpointError(
+                f"CheckpointManager: save of step {step} after close(); close() drains and "
+                "stops the background writer. Save before closing, or build a new manager."
+            )
         self._wait_for_previous()
         folder = self.config.folder
         final = layout.step_dir(folder, step)
@@ -294,7 +300,11 @@ class CheckpointManager:
             dist.barrier(group=self.process_group)
 
     def close(self) -> None:
-        """Drain the pending async save and purge; re-raises any background error."""
+        """Drain the pending async save and purge; re-raises any background error.
+
+        Closing twice is harmless; saving after close is an error.
+        """
+        self._closed = True
         try:
             if self._async is not None:
                 self._async.close()

@@ -167,3 +167,15 @@ def test_tensors_a_state_dict_hook_builds_fresh_are_never_saved_stale(tmp_path):
         got = {"model": {"derived": torch.empty_like(want)}}
         dcp.load(got, storage_reader=storage_reader(str(tmp_path / f"step-{step}")))
         assert torch.equal(got["model"]["derived"], want), step
+
+
+def test_close_twice_is_harmless_and_a_save_after_close_is_a_clear_error(tmp_path):
+    from ckpt_core import CheckpointError
+
+    run = Trainable(folder=str(tmp_path), interval=1, async_mode="async")
+    run.manager.save(1)
+    run.manager.close()
+    run.manager.close()
+    with pytest.raises(CheckpointError, match="save of step 2 after close"):
+        run.manager.save(2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-1"]  # no temporary left
