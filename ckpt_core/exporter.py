@@ -90,14 +90,16 @@ def write_export(
     step: int | None = None,
     progress: Callable[[int], None] | None = None,
     max_shard_bytes: int | None = None,
+    on_total: Callable[[int], None] | None = None,
 ) -> None:
     """Write the model's export view to ``final_path`` (collective on every rank).
 
     ``fmt``: ``"hf"`` (safetensors folder that transformers loads) or ``"dcp"``
     (model-only DCP, keys ``model.<fqn>``). ``dtype``: floating tensors are cast
     to it (``None`` keeps them). Refuses an existing ``final_path``.
-    ``progress(nbytes)`` is called as HF tensors are written; ``max_shard_bytes``
-    caps each HF safetensors file (default 5 GiB).
+    ``on_total(nbytes)`` is called once with the bytes of tensor data to write,
+    then ``progress(nbytes)`` as they are written (per tensor for HF, once at the
+    end for DCP); ``max_shard_bytes`` caps each HF safetensors file (default 5 GiB).
     """
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"export format {fmt!r} is not supported; allowed: {EXPORT_FORMATS}.")
@@ -118,10 +120,16 @@ def write_export(
         raise FileExistsError(error)
 
     if fmt == "hf":
-        from ckpt_core.storage.hf_writer import DEFAULT_MAX_SHARD_BYTES, write_hf_folder
+        from ckpt_core.storage.hf_writer import (
+            DEFAULT_MAX_SHARD_BYTES,
+            total_bytes,
+            write_hf_folder,
+        )
 
         groups = transforms.export_groups(wrapper)
         config = transforms.hf_config(target, groups)
+        if on_total is not None:
+            on_total(total_bytes(groups, target))
         known = write_hf_folder(
             tmp,
             groups,
@@ -132,7 +140,13 @@ def write_export(
             max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES,
         )
     else:
-        known = _write_dcp(tmp, transforms.export_view(wrapper, target))
+        view = transforms.export_view(wrapper, target)
+        nbytes = sum(t.numel() * t.element_size() for t in view.values() if _is_tensor(t))
+        if on_total is not None:
+            on_total(nbytes)
+        known = _write_dcp(tmp, view)
+        if progress is not None:
+            progress(nbytes)
     _barrier()
     if rank == 0:
         _write_manifest(tmp, known, step, world, converters, sd_adapter)
@@ -141,6 +155,10 @@ def write_export(
     logger.info(
         "exported the model as %s (%s) to %s", fmt, dtype or "dtypes as trained", final_path
     )
+
+
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor)
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from typing import Any
 
 HELP = "convert a checkpoint or export between DCP and Hugging Face formats"
@@ -59,6 +60,11 @@ def resolve_source(src: str, step: int | None) -> tuple[str, str]:
 
     if not layout.exists(src):
         raise CheckpointError(f"convert: source {src} does not exist.")
+    if not layout.is_uri(src) and not os.path.isdir(layout.filesystem(src)[1]):
+        raise CheckpointError(
+            f"convert: source {src} is a file; pass its folder (an HF folder, a DCP step "
+            "folder or a folder of step-<N> folders)."
+        )
     if step is None:
         if layout.exists(layout.join(src, ".metadata")):
             return src, "dcp"
@@ -86,6 +92,15 @@ def _converters(arg: str | None, recorded: list[dict[str, Any]] | None) -> Any:
     else:
         names = [n.strip() for n in arg.split(",") if n.strip()]
     options = {c["name"]: c.get("options") or {} for c in recorded if c["name"] in names}
+    dropped = [c["name"] for c in recorded if c["name"] not in names]
+    if dropped:
+        logger.warning(
+            "convert: the source was written with converters %s that are not applied (--converters "
+            "%s): the keys they own (e.g. LoRA factors) are not read, and the output is the "
+            "model without them.",
+            dropped,
+            arg,
+        )
     return Converters.from_config(names, options)
 
 
@@ -175,18 +190,19 @@ def convert(
     progress: bool = False,
 ) -> str:
     """Convert ``src`` into ``dst``; returns the source folder actually read."""
-    import torch.distributed.checkpoint as dcp
-
     from ckpt_core.errors import CheckpointError
-    from ckpt_core.exporter import load_hf, single_process_quiet, write_export
+    from ckpt_core.exporter import write_export
     from ckpt_core.model_wrapper import ModelWrapper
     from ckpt_core.storage import layout, manifest
-    from ckpt_core.storage.hf_writer import total_bytes
-    from ckpt_core.transforms import HFGroup, parse_dtype
 
     if layout.exists(dst) and not overwrite:
         raise CheckpointError(f"convert: {dst} already exists; pass --overwrite to replace it.")
     folder, kind = resolve_source(src, step)
+    if overwrite and _inside(folder, dst):
+        raise CheckpointError(
+            f"convert: --overwrite would delete the source {folder}: DST {dst} is the source "
+            "or holds it; write to another folder."
+        )
     recorded = manifest.read(folder)
     family, config = _architecture(folder, kind, model, recorded)
     default_converters = (recorded or {}).get("converters")
@@ -197,29 +213,19 @@ def convert(
     convs.convert(net)
     wrapper = ModelWrapper(net, convs)
     adapter = family.adapter(config)
-    if kind == "hf":
-        quant = (config.get("quantization_config") or {}).get("quant_method")
-        fmt = "hf_quantized" if quant == "fp8" else "hf"
-        load_hf(wrapper, folder, fmt=fmt, sd_adapter=adapter, converters=convs)
-    else:
-        from ckpt_core.storage.dcp_io import storage_reader
-
-        state = wrapper.state_dict("full")
-        with single_process_quiet():
-            dcp.load({"model": state}, storage_reader=storage_reader(folder))
-        wrapper.load_state_dict(state)
     if dtype is None:  # keep the source's dtype (the model was built in fp32)
         dtype = source_float_dtype(folder, kind)
     target = layout.join(dst.rstrip("/") + ".ckpt-convert-new") if overwrite else dst
     if overwrite:
         layout.remove_tree(target)
     with _progress(progress) as bar:
-        callback = None
-        if bar is not None and to == "hf":
-            # Sized from the full view (the export view may differ slightly, e.g. merged LoRA).
-            full = HFGroup(None, None, wrapper.state_dict("full"))
-            task = bar.add_task(f"writing {dst}", total=total_bytes([full], parse_dtype(dtype)))
-            callback = lambda n: bar.advance(task, n)  # noqa: E731
+        if bar is not None:
+            size = sum(t.numel() * t.element_size() for t in wrapper.state_dict("full").values())
+            reading = bar.add_task(f"reading {folder}", total=size)
+        _load_source(wrapper, folder, kind, config, adapter, convs)
+        if bar is not None:
+            bar.update(reading, completed=size)
+            task = bar.add_task(f"writing {dst}", total=None)
         write_export(
             wrapper,
             target,
@@ -228,7 +234,8 @@ def convert(
             sd_adapter=adapter,
             converters=convs,
             step=(recorded or {}).get("step"),
-            progress=callback,
+            on_total=(lambda n: bar.update(task, total=n)) if bar is not None else None,
+            progress=(lambda n: bar.advance(task, n)) if bar is not None else None,
         )
     if overwrite:
         layout.remove_tree(dst)
@@ -237,9 +244,36 @@ def convert(
     return folder
 
 
-def _rename(old: str, new: str) -> None:
-    import os
+def _load_source(wrapper, folder: str, kind: str, config: dict, adapter, convs) -> None:
+    """Fill the freshly built model from the source folder."""
+    import torch.distributed.checkpoint as dcp
 
+    from ckpt_core.exporter import load_hf, single_process_quiet
+
+    if kind == "hf":
+        quant = (config.get("quantization_config") or {}).get("quant_method")
+        fmt = "hf_quantized" if quant == "fp8" else "hf"
+        load_hf(wrapper, folder, fmt=fmt, sd_adapter=adapter, converters=convs)
+        return
+    from ckpt_core.storage.dcp_io import storage_reader
+
+    state = wrapper.state_dict("full")
+    with single_process_quiet():
+        dcp.load({"model": state}, storage_reader=storage_reader(folder))
+    wrapper.load_state_dict(state)
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether local ``path`` is ``folder`` or lies inside it."""
+    from ckpt_core.storage import layout
+
+    if layout.is_uri(path) or layout.is_uri(folder):
+        return path.rstrip("/") == folder.rstrip("/")
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _rename(old: str, new: str) -> None:
     from ckpt_core.storage import layout
 
     fs, inner_old = layout.filesystem(old)

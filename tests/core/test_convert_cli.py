@@ -14,7 +14,7 @@ from ckpt_core.exporter import write_export
 from ckpt_core.reference import LlamaStateDictAdapter, ModelArgs, build_model
 from ckpt_core.storage import manifest
 from tests.core._dist import run_on_ranks
-from tests.core.hf_helpers import save_hf_llama
+from tests.core.hf_helpers import hf_llama, save_hf_llama
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, ffn_hidden_dim=128)
 
@@ -32,9 +32,10 @@ def _convert(*argv) -> int:
     return main(["convert", *map(str, argv), "--no-progress"])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_hf_to_dcp_to_hf_is_bit_exact(tmp_path, tied):
-    save_hf_llama(tmp_path / "hf", tied=tied, llama3=True)
+def test_hf_to_dcp_to_hf_is_bit_exact(tmp_path, tied, dtype):
+    hf_llama(tied=tied, llama3=True).to(dtype).save_pretrained(str(tmp_path / "hf"))
     assert _convert(tmp_path / "hf", tmp_path / "dcp", "--to", "dcp") == 0
     assert os.path.exists(tmp_path / "dcp" / ".metadata")
     assert manifest.read(str(tmp_path / "dcp"))["model"]["adapter"] == "llama"
@@ -60,6 +61,39 @@ def test_convert_refuses_an_existing_destination_unless_asked(tmp_path, capsys):
         "model.safetensors",
     ]
     assert sorted(os.listdir(tmp_path)) == ["dst", "hf"]
+
+
+def test_convert_refuses_a_file_source_and_an_overwrite_that_would_delete_the_source(
+    tmp_path, capsys
+):
+    save_hf_llama(tmp_path / "hf")
+    assert _convert(tmp_path / "hf" / "config.json", tmp_path / "out", "--to", "hf") == 2
+    assert "is a file" in capsys.readouterr().err
+    for dst in (tmp_path / "hf", tmp_path):
+        assert _convert(tmp_path / "hf", dst, "--to", "dcp", "--overwrite") == 2
+        assert "would delete the source" in capsys.readouterr().err
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_converters_recorded_but_not_applied_are_named_in_a_warning(tmp_path, caplog):
+    from ckpt_core import CheckpointConfig, CheckpointManager, Converters
+    from tests.core._export_converters import SidecarConverter
+
+    model = build_model(ARGS)
+    converters = Converters([SidecarConverter()])
+    converters.convert(model)
+    config = CheckpointConfig(folder=str(tmp_path / "ckpt"), export={"enable": False})
+    manager = CheckpointManager(config, model, converters=converters)
+    manager.save(1, last_step=True)
+    manager.close()
+    man = manifest.read(str(tmp_path / "ckpt" / "step-1"))
+    assert [c["name"] for c in man["converters"]] == ["sidecar"]
+    man["model"] = LlamaStateDictAdapter(ARGS).describe()  # no sd_adapter was given
+    manifest.write(str(tmp_path / "ckpt" / "step-1"), man)
+    assert _convert(tmp_path / "ckpt", tmp_path / "out", "--to", "hf", "--converters", "none") == 0
+    assert "['sidecar'] that are not applied" in caplog.text
+    assert not any("sidecar" in k for k in _tensors(tmp_path / "out"))
 
 
 def test_dcp_source_without_manifest_needs_model_option(tmp_path, capsys):
@@ -257,3 +291,41 @@ def test_convert_of_a_lora_checkpoint_writes_a_merged_model_and_its_peft_adapter
         adapted = peft.PeftModel.from_pretrained(base, str(tmp_path / "merged" / "adapter"))
     with torch.no_grad():
         assert (adapted.eval()(tokens).logits - want).abs().max().item() < 1e-4
+
+
+def test_convert_shows_reading_and_writing_progress_by_default(tmp_path, capsys):
+    save_hf_llama(tmp_path / "hf")
+    for src, dst, to in (("hf", "as-dcp", "dcp"), ("as-dcp", "back", "hf")):
+        assert main(["convert", str(tmp_path / src), str(tmp_path / dst), "--to", to]) == 0
+        out = capsys.readouterr().out
+        assert f"reading {tmp_path / src}" in out and f"writing {tmp_path / dst}" in out, out
+
+
+@pytest.mark.parametrize("fmt", ["hf", "dcp"])
+def test_export_progress_adds_up_to_the_announced_total(tmp_path, fmt):
+    from ckpt_core import Converters
+    from tests.core._export_converters import IntCodesConverter, SidecarConverter
+
+    model = build_model(ARGS)
+    converters = Converters([IntCodesConverter(), SidecarConverter()])
+    converters.convert(model)
+    totals, done = [], []
+    write_export(
+        ModelWrapper(model, converters),
+        str(tmp_path / "out"),
+        fmt=fmt,
+        dtype="bfloat16",
+        sd_adapter=LlamaStateDictAdapter(ARGS),
+        converters=converters,
+        on_total=totals.append,
+        progress=done.append,
+    )
+    written = sum(
+        t.numel() * t.element_size()
+        for folder in (tmp_path / "out", tmp_path / "out" / "adapter")
+        if fmt == "hf"
+        for t in _tensors(folder).values()
+    )
+    assert len(totals) == 1 and sum(done) == totals[0] > 0
+    if fmt == "hf":
+        assert totals[0] == written
