@@ -82,6 +82,19 @@ def _resume(manager: CheckpointManager, step: int, explicit: bool = False) -> No
         states["model"] = ModelState(manager.wrapper)
     _load_dcp(manager, path, states, exact=True)
     manager._loaded_step = step
+    newer = [s for s in resume.steps_with_manifest(folder) if s > step]
+    if newer:
+        logger.warning(
+            "Resumed from step %d, but %s also holds newer steps %s from the run that went on "
+            "from there. Committed steps are never overwritten: saves at those steps will be "
+            "skipped, and a later resume with load_step = -1 would pick step %d of that other "
+            "run. Move them out of the folder to continue from step %d only.",
+            step,
+            folder,
+            newer,
+            newer[-1],
+            step,
+        )
     logger.info(
         "Resumed from %s (states: %s; excluded: %s)",
         path,

@@ -109,6 +109,19 @@ def test_the_latest_step_is_found_and_an_explicit_older_step_is_honoured(tmp_pat
     assert_same(snapshot(explicit.model), weights[1])
 
 
+def test_resuming_an_older_step_warns_about_the_newer_ones_it_will_not_overwrite(tmp_path, caplog):
+    run = Trainable(folder=str(tmp_path), interval=1)
+    for step in (1, 2, 3):
+        run.manager.save(step)
+    with caplog.at_level("WARNING", logger="ckpt_core.loading"):
+        Trainable(folder=str(tmp_path), load_step=1).manager.load()
+    assert "newer steps [2, 3]" in caplog.text and "load_step = -1 would pick step 3" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ckpt_core.loading"):
+        Trainable(folder=str(tmp_path)).manager.load()
+    assert "newer steps" not in caplog.text
+
+
 def test_initial_load_is_used_only_while_the_folder_has_no_committed_step(tmp_path):
     source = Trainable(seed=1, folder=str(tmp_path / "source"), interval=1)
     source.step()
