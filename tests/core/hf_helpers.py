@@ -14,15 +14,24 @@ LLAMA3_SCALING = {
 
 
 def hf_llama(
-    *, tied: bool = False, llama3: bool = False, seed: int = 0, layers: int = 2, vocab: int = 96
+    *,
+    tied: bool = False,
+    llama3: bool = False,
+    seed: int = 0,
+    layers: int = 2,
+    vocab: int = 96,
+    **overrides,
 ):
-    """A random ``transformers.LlamaForCausalLM`` with tiny dimensions (fp32, eval mode)."""
+    """A random ``transformers.LlamaForCausalLM`` with tiny dimensions (fp32, eval mode).
+
+    ``overrides`` replace ``LlamaConfig`` fields (e.g. ``head_dim``, ``num_key_value_heads``).
+    """
     import transformers
 
     rope = {"rope_type": "default", "rope_theta": 500000.0}
     if llama3:
         rope = {**LLAMA3_SCALING, "rope_theta": 500000.0}
-    config = transformers.LlamaConfig(
+    fields = dict(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=layers,
@@ -34,6 +43,7 @@ def hf_llama(
         rope_parameters=rope,
         tie_word_embeddings=tied,
     )
+    config = transformers.LlamaConfig(**{**fields, **overrides})
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(config)
     with torch.no_grad():  # HF's init leaves norms at 1: make every tensor informative

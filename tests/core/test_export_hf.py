@@ -131,6 +131,12 @@ def test_subfolder_adapter_writes_its_keys_from_the_full_view_and_loads_back(tmp
     }
     extra = json.loads((tmp_path / "exp" / "adapter" / "adapter_config.json").read_text())
     assert extra == {"peft_type": "SIDECAR"}
+    # DCP's HuggingFaceStorageReader reads every *.safetensors of a folder: the subfolder
+    # keeps the adapter out of the model's tensors.
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    dcp_keys = HuggingFaceStorageReader(str(tmp_path / "exp")).read_metadata().state_dict_metadata
+    assert set(dcp_keys) == set(main)
 
     fresh = _model(seed=1)
     fresh_convs = Converters([SidecarConverter()])

@@ -30,6 +30,15 @@ def test_logits_equal_transformers_on_the_same_weights(tmp_path, tied, llama3):
     assert (got - want).abs().max().item() < 1e-4
 
 
+def test_logits_equal_transformers_with_multi_query_attention_and_a_wide_head_dim(tmp_path):
+    hf = save_hf_llama(tmp_path, num_key_value_heads=1, head_dim=32, rms_norm_eps=1e-6)
+    ours = from_pretrained(str(tmp_path)).eval()
+    assert (ours.args.n_kv_heads, ours.args.head_dim, ours.args.norm_eps) == (1, 32, 1e-6)
+    tokens = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(tokens) - hf_logits(hf, tokens)).abs().max().item() < 1e-4
+
+
 def test_llama3_scaling_changes_the_logits(tmp_path):
     save_hf_llama(tmp_path / "a", llama3=False)
     save_hf_llama(tmp_path / "b", llama3=True)
