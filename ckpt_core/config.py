@@ -105,7 +105,7 @@ class CheckpointConfig(_Strict):
     def _keep_k(cls, value: int) -> int:
         if value == 1:
             raise ValueError(
-                "checkpoint.keep_latest_k = 1 is not allowed: an async save may be in flight "
+                "1 is not allowed: an async save may be in flight "
                 "while the previous step is deleted. Use 0 (keep all) or 2 or more."
             )
         return value
