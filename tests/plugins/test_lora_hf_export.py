@@ -67,8 +67,11 @@ def hf_logits(model: nn.Module) -> torch.Tensor:
         return model(input_ids=TOKENS, use_cache=False).logits
 
 
-def lora_run(base: str, make_linear=None, **options):
-    """Reference Llama from ``base`` with (optionally swapped) linears and LoRA."""
+def lora_run(base: str, make_linear=None, first=None, **options):
+    """Reference Llama from ``base`` with (optionally swapped) linears and LoRA.
+
+    ``first``: a converter enabled before ``lora`` (e.g. the float8 plugin).
+    """
     model = from_pretrained(base)
     if make_linear is not None:
         for module in list(model.modules()):
@@ -76,7 +79,7 @@ def lora_run(base: str, make_linear=None, **options):
                 if type(child) is nn.Linear and name != "output":
                     setattr(module, name, make_linear(child))
     conv = LoRAConverter(LoRAConfig(**options))
-    convs = Converters([conv])
+    convs = Converters([conv] if first is None else [first, conv])
     convs.convert(model)
     conv.base_model_name_or_path = base
     return model, convs, LlamaStateDictAdapter(model.args)
@@ -259,5 +262,35 @@ def test_lora_over_quantized_linears_trains_and_exports(hf_base, tmp_path, caplo
     peft_logits = hf_logits(load_peft(hf_base, out / "adapter", caplog))
     merged_logits = hf_logits(merged)
     torch.testing.assert_close(peft_logits, merged_logits, atol=1e-4, rtol=0)
+    untrained = hf_logits(transformers.LlamaForCausalLM.from_pretrained(hf_base).eval())
+    assert (merged_logits - untrained).abs().max() > 1e-2
+
+
+def test_float8_plugin_then_lora_trains_and_exports_what_transformers_and_peft_load(
+    hf_base, tmp_path, caplog
+):
+    Float8Converter = pytest.importorskip("ckpt_plugins_float8").Float8Converter
+    float8 = Float8Converter(Float8Converter.Config(emulate=True))
+    model, convs, adapter = lora_run(hf_base, first=float8, rank=4, alpha=8)
+    assert convs.names == ["float8", "lora"]
+    assert type(model.layers["0"].attention.wq).__name__ == "Float8Linear"
+    losses = train(model, steps=3)
+    assert losses[-1] < losses[0]
+    out = export(model, convs, adapter, tmp_path)
+    with LoadReport(caplog):
+        merged = transformers.LlamaForCausalLM.from_pretrained(str(out)).eval()
+    merged_logits = hf_logits(merged)
+    peft_logits = hf_logits(load_peft(hf_base, out / "adapter", caplog))
+    torch.testing.assert_close(peft_logits, merged_logits, atol=1e-4, rtol=0)
+    # The export is the high-precision model: a plain reference Llama holding W + (alpha/r)·B·A
+    # (float8 rounds activations in training, so the float8 forward itself is further away).
+    plain = from_pretrained(hf_base)
+    with torch.no_grad():
+        for name, linear in model.named_modules():
+            if hasattr(linear, "lora_b"):
+                delta = linear.lora_scaling * linear.lora_b.weight @ linear.lora_a.weight
+                plain.get_submodule(name).weight.add_(delta)
+        reference = plain.eval()(TOKENS)
+    torch.testing.assert_close(merged_logits, reference, atol=1e-4, rtol=0)
     untrained = hf_logits(transformers.LlamaForCausalLM.from_pretrained(hf_base).eval())
     assert (merged_logits - untrained).abs().max() > 1e-2
