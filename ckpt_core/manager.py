@@ -233,8 +233,15 @@ class CheckpointManager:
             records = {k: v for part in gathered for k, v in part.items()}
         if self.rank == 0:
             files = manifest.file_entries(tmp, records)
-            manifest.write(tmp, self._manifest(step, files, mesh))
-            layout.commit(tmp, final)
+            if layout.is_uri(folder):
+                # An object store "renames" file by file: a crash midway would leave a
+                # step-<N> with a manifest but missing data. The manifest goes last instead,
+                # so a partly moved step has none and discovery passes over it.
+                layout.commit(tmp, final)
+                manifest.write(final, self._manifest(step, files, mesh))
+            else:
+                manifest.write(tmp, self._manifest(step, files, mesh))
+                layout.commit(tmp, final)
         self._barrier()
         if self.rank == 0 and self.config.keep_latest_k > 0:
             protected = [] if self._loaded_step is None else [self._loaded_step]

@@ -227,6 +227,36 @@ def test_checkpoints_round_trip_through_an_fsspec_memory_filesystem():
         layout.remove_tree("memory://ckpt-tests")
 
 
+def test_an_fsspec_commit_cut_off_midway_is_passed_over_by_discovery(monkeypatch):
+    """Object stores move a folder file by file; a crash midway must not expose the step."""
+    folder = "memory://ckpt-tests/cut"
+    try:
+        run = Trainable(folder=folder, interval=1)
+        run.step()
+        run.manager.save(1)
+        weights = snapshot(run.model)
+
+        def move_all_but_the_data_then_crash(tmp, final, fsync=True):
+            fs, inner = layout.filesystem(tmp)
+            for path in fs.find(inner):
+                if not path.endswith(".distcp"):
+                    fs.mv(path, path.replace(inner, layout.filesystem(final)[1]))
+            raise ConnectionError("connection lost (simulated)")
+
+        monkeypatch.setattr(layout, "commit", move_all_but_the_data_then_crash)
+        run.step()
+        with pytest.raises(ConnectionError):
+            run.manager.save(2)
+        monkeypatch.undo()
+        assert layout.committed_steps(folder) == [1, 2]  # a partly moved step-2 ...
+        resumed = Trainable(seed=3, folder=folder)
+        assert resumed.manager.load()  # ... without a manifest, so step 1 is the resume point
+        assert resumed.manager.train_state.step == 1
+        assert_same(snapshot(resumed.model), weights)
+    finally:
+        layout.remove_tree("memory://ckpt-tests")
+
+
 def test_checksums_computed_while_writing_match_a_fresh_read(tmp_path):
     run = Trainable(folder=str(tmp_path), interval=1, dim=256)
     run.manager.save(1)
