@@ -216,6 +216,23 @@ def test_export_refuses_an_existing_folder_and_leaves_no_temporary_one(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["step-3"]
 
 
+def test_leftovers_of_a_crashed_export_are_replaced_by_a_complete_one(tmp_path):
+    from ckpt_core.storage import layout
+
+    crashed = tmp_path / ".tmp-step-3"
+    crashed.mkdir()
+    (crashed / "model-00001-of-00002.safetensors").write_bytes(b"torn")
+    assert layout.committed_steps(str(tmp_path)) == []  # never seen as an export
+    _export(_model(), tmp_path / "step-3")
+    assert sorted(os.listdir(tmp_path)) == ["step-3"]
+    assert sorted(os.listdir(tmp_path / "step-3")) == [
+        "config.json",
+        "manifest.json",
+        "model.safetensors",
+    ]
+    assert manifest.verify(str(tmp_path / "step-3")) == []
+
+
 def test_dcp_export_is_model_only_in_the_model_layout(tmp_path):
     import torch.distributed.checkpoint as dcp
 
