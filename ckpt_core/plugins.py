@@ -69,6 +69,7 @@ class Converters:
                 self._pm.register(conv, name=name)
             except pluggy.PluginValidationError as exc:
                 raise PluginError(f"Converter {name!r}: {exc}") from exc
+            _check_unmarked_hooks(self._pm, conv, name)
         try:
             self._pm.check_pending()
         except pluggy.PluginValidationError as exc:
@@ -293,6 +294,18 @@ def _short(value: Any, limit: int = 200) -> str:
     else:
         text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_unmarked_hooks(pm: pluggy.PluginManager, conv: Any, name: str) -> None:
+    """A method named like a hook but without ``@hookimpl`` would be silently ignored."""
+    for hook in hookspecs.HOOK_NAMES:
+        if not callable(getattr(conv, hook, None)):
+            continue
+        if not any(impl.plugin is conv for impl in getattr(pm.hook, hook).get_hookimpls()):
+            raise PluginError(
+                f"Converter {name!r} defines {hook}() without the @hookimpl marker, so "
+                f"pluggy would never call it. Decorate it with @ckpt_core.hookimpl."
+            )
 
 
 def check_ordering(names: Sequence[str], classes: Mapping[str, type]) -> None:

@@ -171,6 +171,17 @@ def test_hookimpl_matching_no_spec_is_rejected():
         Converters([Typo()])
 
 
+def test_a_hook_method_without_the_hookimpl_marker_is_refused():
+    class Unmarked(Converter):
+        name = "unmarked"
+
+        def key_filter(self, fqn):  # forgot @hookimpl: pluggy would never call it
+            return True
+
+    with pytest.raises(PluginError, match="'unmarked' defines key_filter\\(\\) without"):
+        Converters([Unmarked()])
+
+
 def test_key_claimed_by_two_converters_names_key_and_both():
     class Own(Converter):
         def __init__(self, name):
