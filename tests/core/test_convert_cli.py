@@ -329,3 +329,40 @@ def test_export_progress_adds_up_to_the_announced_total(tmp_path, fmt):
     assert len(totals) == 1 and sum(done) == totals[0] > 0
     if fmt == "hf":
         assert totals[0] == written
+
+
+def test_a_registered_model_family_is_picked_from_config_json_and_the_manifest(
+    tmp_path, monkeypatch, capsys
+):
+    import json
+
+    from ckpt_core import adapters
+
+    monkeypatch.setattr(adapters, "_FAMILIES", dict(adapters._FAMILIES))
+
+    class MyAdapter(LlamaStateDictAdapter):
+        registry_name = "my-llama"
+
+    def as_llama(config):
+        return {**config, "model_type": "llama"}
+
+    save_hf_llama(tmp_path / "hf")
+    config_file = tmp_path / "hf" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "model_type": "my"}))
+    assert _convert(tmp_path / "hf", tmp_path / "dcp", "--to", "dcp") == 2
+    assert "model_type 'my' has no registered model family; known: llama" in capsys.readouterr().err
+
+    adapters.register_model_family(
+        adapters.ModelFamily(
+            "my-llama",
+            adapter=lambda config: MyAdapter.from_hf_config(as_llama(config)),
+            build_model=lambda config, device=None: build_model(as_llama(config), device=device),
+            model_types=("my",),
+        )
+    )
+    assert _convert(tmp_path / "hf", tmp_path / "dcp", "--to", "dcp") == 0
+    assert manifest.read(str(tmp_path / "dcp"))["model"]["adapter"] == "my-llama"
+    assert _convert(tmp_path / "dcp", tmp_path / "back", "--to", "hf") == 0
+    original, back = _tensors(tmp_path / "hf"), _tensors(tmp_path / "back")
+    assert original.keys() == back.keys()
+    assert all(torch.equal(original[k], back[k]) for k in original)
