@@ -240,6 +240,28 @@ def test_without_the_trace_env_hook_calls_are_not_logged(monkeypatch, caplog):
     assert "hook state_dict_transform" not in caplog.text
 
 
+def test_with_autoload_off_a_class_registered_by_hand_is_found_by_name(monkeypatch):
+    from ckpt_core.discovery import register_converter_class, unregister_converter_class
+
+    class Manual(Converter):
+        name = "manual"
+
+        @hookimpl
+        def key_filter(self, fqn):
+            return fqn.startswith("extra.")
+
+    monkeypatch.setenv("CKPT_DISABLE_PLUGIN_AUTOLOAD", "1")
+    register_converter_class(Manual)
+    try:
+        assert set(discover_converters()) == {"manual"}
+        convs = Converters.from_config(["manual"])
+        assert convs.key_filter("extra.w") and not convs.key_filter("w")
+    finally:
+        unregister_converter_class("manual")
+    with pytest.raises(ConfigError, match="unknown converter 'manual'"):
+        Converters.from_config(["manual"])
+
+
 def test_duplicate_converter_names_are_refused():
     with pytest.raises(ConfigError, match="more than once"):
         Converters([Recorder(name="a"), Recorder(name="a")])
