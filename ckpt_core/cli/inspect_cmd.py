@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 HELP = "show a checkpoint's steps, states, tensors (shape, dtype, bytes) and manifest"
@@ -142,7 +143,12 @@ def inspect_path(path: str, step: int | None = None) -> dict[str, Any]:
     out["shown"] = target
     out["manifest"] = manifest.read(target)
     if layout.exists(layout.join(target, ".metadata")):
-        out.update(describe_dcp(target))
+        try:
+            out.update(describe_dcp(target))
+        except CheckpointError as exc:
+            if "steps" not in out:
+                raise
+            out["error"] = str(exc)  # still show the other steps (their status tells)
     elif not layout.is_uri(target) and any(
         n.endswith(".safetensors") for n in layout.listdir(target)
     ):
@@ -210,4 +216,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         print(json.dumps(info, indent=1, default=str))
     else:
         _print(info, args.limit)
+    if "error" in info:
+        print(f"ckpt inspect: error: {info['error']}", file=sys.stderr)
+        return 1
     return 0

@@ -95,6 +95,18 @@ def test_inspect_refuses_a_metadata_file_with_a_code_payload(tmp_path, capsys):
     assert not marker.exists()
 
 
+def test_inspect_of_a_folder_whose_newest_step_is_damaged_still_lists_the_steps(tmp_path, capsys):
+    _two_steps(tmp_path)
+    meta = tmp_path / "step-2" / ".metadata"
+    with open(meta, "r+b") as f:
+        f.truncate(100)
+    assert main(["inspect", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert "damaged" in captured.out and "ok" in captured.out  # step-2 and step-1 rows
+    assert "step-2/.metadata is not readable DCP metadata" in captured.err
+    assert main(["inspect", str(tmp_path), "--step", "1"]) == 0
+
+
 def test_inspect_reads_safetensors_headers_and_refuses_a_missing_path(tmp_path, capsys):
     import torch
     from safetensors.torch import save_file
