@@ -206,8 +206,8 @@ def convert(
     recorded = manifest.read(folder)
     family, config = _architecture(folder, kind, model, recorded)
     default_converters = (recorded or {}).get("converters")
-    if kind == "dcp" and (recorded or {}).get("kind") == "export":
-        default_converters = []  # an export already holds the export view
+    if (recorded or {}).get("kind") == "export":
+        default_converters = []  # an export (HF or DCP) already holds the export view
     convs = _converters(converters, default_converters)
     net = family.build_model(config)
     convs.convert(net)
@@ -251,9 +251,7 @@ def _load_source(wrapper, folder: str, kind: str, config: dict, adapter, convs) 
     from ckpt_core.exporter import load_hf, single_process_quiet
 
     if kind == "hf":
-        quant = (config.get("quantization_config") or {}).get("quant_method")
-        fmt = "hf_quantized" if quant == "fp8" else "hf"
-        load_hf(wrapper, folder, fmt=fmt, sd_adapter=adapter, converters=convs)
+        load_hf(wrapper, folder, fmt=hf_load_format(config), sd_adapter=adapter, converters=convs)
         return
     from ckpt_core.storage.dcp_io import storage_reader
 
@@ -261,6 +259,18 @@ def _load_source(wrapper, folder: str, kind: str, config: dict, adapter, convs) 
     with single_process_quiet():
         dcp.load({"model": state}, storage_reader=storage_reader(folder))
     wrapper.load_state_dict(state)
+
+
+def hf_load_format(config: dict) -> str:
+    """``"hf_quantized"`` for fp8 weights with scales (DeepSeek-style blocks or
+    compressed-tensors ``float-quantized``), else ``"hf"``."""
+    quant = config.get("quantization_config") or {}
+    method = quant.get("quant_method")
+    if method == "fp8" or (
+        method == "compressed-tensors" and quant.get("format") == "float-quantized"
+    ):
+        return "hf_quantized"
+    return "hf"
 
 
 def _inside(path: str, folder: str) -> bool:

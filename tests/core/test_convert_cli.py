@@ -366,3 +366,57 @@ def test_a_registered_model_family_is_picked_from_config_json_and_the_manifest(
     original, back = _tensors(tmp_path / "hf"), _tensors(tmp_path / "back")
     assert original.keys() == back.keys()
     assert all(torch.equal(original[k], back[k]) for k in original)
+
+
+def test_an_hf_export_converts_as_it_is_without_reapplying_its_converters(
+    tmp_path, codes_converter
+):
+    from ckpt_core import Converters
+
+    converters = Converters.from_config(["sidecar"])
+    model = build_model(ARGS)
+    converters.convert(model)
+    write_export(
+        ModelWrapper(model, converters),
+        str(tmp_path / "export"),
+        fmt="hf",
+        dtype=None,
+        sd_adapter=LlamaStateDictAdapter(ARGS),
+        converters=converters,
+    )
+    assert manifest.read(str(tmp_path / "export"))["converters"][0]["name"] == "sidecar"
+    assert _convert(tmp_path / "export", tmp_path / "again", "--to", "hf") == 0
+    assert not os.path.exists(tmp_path / "again" / "adapter")  # no fresh sidecar written
+    a, b = _tensors(tmp_path / "export"), _tensors(tmp_path / "again")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_compressed_tensors_fp8_folder_converts_dequantized(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    hf = save_hf_llama(tmp_path / "hf")
+    quantized, want = {}, {}
+    for key, value in hf.state_dict().items():
+        if key.endswith("_proj.weight"):
+            scale = value.abs().amax(dim=1, keepdim=True) / 448.0  # per row
+            bits = (value / scale).to(torch.float8_e4m3fn)
+            quantized[key], quantized[key + "_scale"] = bits, scale
+            want[key] = bits.float() * scale
+        else:
+            quantized[key] = want[key] = value
+    save_file(quantized, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    config_file = tmp_path / "hf" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+    }
+    config_file.write_text(json.dumps(config))
+    assert _convert(tmp_path / "hf", tmp_path / "out", "--to", "hf") == 0
+    got = _tensors(tmp_path / "out")
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert got[key].dtype == torch.float32 and torch.equal(got[key], value), key
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
