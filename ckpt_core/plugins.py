@@ -8,6 +8,7 @@ Set ``CKPT_TRACE_PLUGINS=1`` to log every hook call with arguments and result.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import typing
@@ -95,11 +96,13 @@ class Converters:
         unknown = [n for n in enabled if n not in available]
         if unknown:
             installed = ", ".join(sorted(available)) or "none"
+            close = difflib.get_close_matches(unknown[0], list(available), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(
-                f"converters.enabled: unknown converter {unknown[0]!r}. Installed converters: "
-                f"{installed}. Install the distribution that provides it (the bundled ones "
-                f"are ckpt-plugins-lora, ckpt-plugins-qat and ckpt-plugins-float8), e.g. "
-                f"'pip install ckpt-plugins-{unknown[0]}'."
+                f"converters.enabled: unknown converter {unknown[0]!r}.{hint} Installed "
+                f"converters: {installed}. Otherwise install the distribution that provides "
+                "it (the bundled ones are ckpt-plugins-lora, ckpt-plugins-qat and "
+                "ckpt-plugins-float8)."
             )
         for name in options:
             if name not in enabled:
