@@ -270,6 +270,15 @@ def hf_load_format(config: dict) -> str:
         method == "compressed-tensors" and quant.get("format") == "float-quantized"
     ):
         return "hf_quantized"
+    if quant:
+        from ckpt_core.errors import CheckpointError
+
+        raise CheckpointError(
+            f"convert: the source is quantized (quant_method {method!r}, format "
+            f"{quant.get('format')!r}); only fp8 weights with scales ('fp8' blocks or "
+            "compressed-tensors 'float-quantized') are read back. Convert the DCP checkpoint "
+            "the export came from instead."
+        )
     return "hf"
 
 

@@ -420,3 +420,19 @@ def test_a_compressed_tensors_fp8_folder_converts_dequantized(tmp_path):
     for key, value in want.items():
         assert got[key].dtype == torch.float32 and torch.equal(got[key], value), key
     assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+
+
+def test_an_hf_folder_in_an_unreadable_quantized_format_is_a_clear_error(tmp_path, capsys):
+    import json
+
+    save_hf_llama(tmp_path / "hf")
+    config_file = tmp_path / "hf" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+    }
+    config_file.write_text(json.dumps(config))
+    assert _convert(tmp_path / "hf", tmp_path / "out", "--to", "dcp") == 2
+    err = capsys.readouterr().err
+    assert "'pack-quantized'" in err and "Convert the DCP checkpoint" in err
