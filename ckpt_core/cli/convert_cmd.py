@@ -222,7 +222,7 @@ def convert(
         if bar is not None:
             size = sum(t.numel() * t.element_size() for t in wrapper.state_dict("full").values())
             reading = bar.add_task(f"reading {folder}", total=size)
-        _load_source(wrapper, folder, kind, config, adapter, convs)
+        _load_source(wrapper, folder, kind, config, adapter, convs, recorded)
         if bar is not None:
             bar.update(reading, completed=size)
             task = bar.add_task(f"writing {dst}", total=None)
@@ -244,21 +244,59 @@ def convert(
     return folder
 
 
-def _load_source(wrapper, folder: str, kind: str, config: dict, adapter, convs) -> None:
-    """Fill the freshly built model from the source folder."""
-    import torch.distributed.checkpoint as dcp
+def _load_source(wrapper, folder, kind, config, adapter, convs, recorded=None) -> None:
+    """Fill the freshly built model from the source folder.
 
-    from ckpt_core.exporter import load_hf, single_process_quiet
+    A checkpoint that holds only converter-owned weights (LoRA
+    ``trainable_only_checkpoints``) gets its base from the manifest's ``base``
+    entry first (checksum-checked), as a resume would.
+    """
+    from ckpt_core.exporter import load_hf
 
     if kind == "hf":
         load_hf(wrapper, folder, fmt=hf_load_format(config), sd_adapter=adapter, converters=convs)
         return
-    from ckpt_core.storage.dcp_io import storage_reader
+    base = (recorded or {}).get("base")
+    if base:
+        from ckpt_core.config import InitialLoadConfig
+        from ckpt_core.owned_only import base_to_load
 
-    state = wrapper.state_dict("full")
+        initial = base_to_load(base, InitialLoadConfig())
+        logger.info(
+            "convert: %s holds converter-owned weights only; base: %s", folder, initial.path
+        )
+        if initial.format == "dcp":
+            base_folder, _ = resolve_source(initial.path, None)
+            _load_dcp(wrapper, base_folder, keep=lambda k: not convs.key_filter(k), strict=False)
+        else:
+            load_hf(wrapper, initial.path, fmt=initial.format, sd_adapter=adapter, converters=convs)
+    _load_dcp(wrapper, folder, keep=None, strict=not base)
+
+
+def _load_dcp(wrapper, folder: str, *, keep, strict: bool) -> None:
+    """Load the model keys ``folder`` holds (those ``keep`` accepts) into ``wrapper``.
+
+    With ``strict``, a model key the checkpoint lacks is an error naming it.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    from ckpt_core.errors import CheckpointError
+    from ckpt_core.exporter import single_process_quiet
+    from ckpt_core.storage.dcp_io import storage_reader
+    from ckpt_core.storage.safe_metadata import read_metadata
+
+    saved = read_metadata(folder).state_dict_metadata
+    state = {k: v for k, v in wrapper.state_dict("full").items() if keep is None or keep(k)}
+    missing = sorted(k for k in state if f"model.{k}" not in saved)
+    if missing and strict:
+        raise CheckpointError(
+            f"convert: {folder} lacks {len(missing)} model tensors: {missing[:5]}. Is it a "
+            "checkpoint of this architecture, written with these converters (--converters)?"
+        )
+    state = {k: v for k, v in state.items() if k not in missing}
     with single_process_quiet():
         dcp.load({"model": state}, storage_reader=storage_reader(folder))
-    wrapper.load_state_dict(state)
+    wrapper.load_state_dict(state, strict=False)
 
 
 def hf_load_format(config: dict) -> str:

@@ -436,3 +436,59 @@ def test_an_hf_folder_in_an_unreadable_quantized_format_is_a_clear_error(tmp_pat
     assert _convert(tmp_path / "hf", tmp_path / "out", "--to", "dcp") == 2
     err = capsys.readouterr().err
     assert "'pack-quantized'" in err and "Convert the DCP checkpoint" in err
+
+
+def test_convert_of_an_owned_only_lora_checkpoint_reads_its_base_from_the_manifest(
+    tmp_path, capsys
+):
+    pytest.importorskip("ckpt_plugins_lora")
+    from ckpt_core import CheckpointConfig, CheckpointManager, Converters
+    from ckpt_core.storage.safe_metadata import read_metadata
+
+    base = str(tmp_path / "base")
+    save_hf_llama(base)
+    model = build_model(base)
+    options = {"rank": 4, "alpha": 8, "trainable_only_checkpoints": True}
+    converters = Converters.from_config(["lora"], {"lora": options})
+    converters.convert(model)
+    config = CheckpointConfig(
+        folder=str(tmp_path / "ckpt"),
+        initial_load={"path": base, "format": "hf"},
+        export={"enable": False},
+    )
+    adapter = LlamaStateDictAdapter(model.args)
+    manager = CheckpointManager(config, model, converters=converters, sd_adapter=adapter)
+    assert manager.load()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_b" in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+    manager.save(3, last_step=True)
+    manager.close()
+    saved = read_metadata(str(tmp_path / "ckpt" / "step-3")).state_dict_metadata
+    assert "model.tok_embeddings.weight" not in saved  # only the factors were saved
+
+    assert _convert(tmp_path / "ckpt", tmp_path / "out", "--to", "hf") == 0
+    want = adapter.to_hf(ModelWrapper(model, converters).state_dict("export"))
+    got = _tensors(tmp_path / "out")
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key
+
+    (tmp_path / "base" / "config.json").write_text("{}")  # not the base it was trained on
+    assert _convert(tmp_path / "ckpt", tmp_path / "out2", "--to", "hf") == 2
+    assert "checksum" in capsys.readouterr().err
+
+
+def test_a_dcp_source_lacking_model_tensors_is_an_error_naming_them(tmp_path, capsys):
+    import json
+
+    import torch.distributed.checkpoint as dcp
+
+    model = build_model(ARGS)
+    partial = {k: v for k, v in model.state_dict().items() if k != "norm.weight"}
+    dcp.save({"model": partial}, checkpoint_id=str(tmp_path / "raw"))
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(LlamaStateDictAdapter(ARGS).hf_config()))
+    assert _convert(tmp_path / "raw", tmp_path / "out", "--to", "hf", "--model", config) == 2
+    assert "lacks 1 model tensors: ['norm.weight']" in capsys.readouterr().err
