@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import tomllib
 
 import pytest
 
+from tests.conftest import REPO_ROOT
 from tests.e2e import _train as t
+
+
+def test_core_declares_numpy_because_dcp_needs_it_and_torch_does_not_install_it():
+    # A fresh `pip install torch==2.13.0 .` has no numpy unless ckpt-core asks for it, and
+    # DCP's save then fails in gather_object ("Numpy is not available") at the first checkpoint.
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    names = {
+        re.split(r"[<>=!~; \[]", dep, maxsplit=1)[0].lower() for dep in project["dependencies"]
+    }
+    assert "numpy" in names
 
 
 @pytest.mark.slow
