@@ -76,30 +76,19 @@ class _Entry:
 
 
 def _plan(tensors: dict[str, Any], target: torch.dtype | None) -> list[_Entry]:
-    """Entries to write; tensors that alias an earlier one are written once."""
-    from torch.distributed.tensor import DTensor
+    """Entries to write, one per name.
 
-    seen_objects: set[int] = set()
-    seen_storage: dict[tuple, str] = {}
+    Names whose tensors share memory (a model tied by hand: ``output.weight`` is
+    ``tok_embeddings.weight``) are each written: ``safetensors.save_file`` refuses
+    shared memory, but this writer copies bytes, and dropping a name would leave a
+    loader (transformers with an untied ``config.json``) to initialize it randomly.
+    Tied embeddings proper never reach here twice: the model adapter emits no
+    ``lm_head.weight`` for a tied model.
+    """
     entries = []
     for name, value in tensors.items():
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name!r} is a {type(value).__name__}; safetensors holds tensors.")
-        if id(value) in seen_objects:
-            logger.info("%s shares memory with a tensor already written; skipped", name)
-            continue
-        seen_objects.add(id(value))
-        if not isinstance(value, DTensor) and value.numel() > 0 and value.device.type != "meta":
-            ident = (
-                value.untyped_storage().data_ptr(),
-                value.storage_offset(),
-                tuple(value.shape),
-                value.stride(),
-            )
-            if ident in seen_storage:
-                logger.info("%s shares memory with %s; skipped", name, seen_storage[ident])
-                continue
-            seen_storage[ident] = name
         if (
             value.dtype not in SAFETENSORS_DTYPES
             and cast_dtype(value.dtype, target) not in SAFETENSORS_DTYPES

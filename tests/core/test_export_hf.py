@@ -110,12 +110,21 @@ def test_sharded_export_index_lists_exactly_the_keys_written(tmp_path, tied):
     assert index["metadata"]["total_size"] == sum(v.numel() * 2 for v in tensors.values())
 
 
-def test_shared_memory_tensors_are_written_once(tmp_path):
+def test_tensors_sharing_memory_are_each_written_and_the_export_loads(tmp_path):
+    import transformers
+
     model = _model()
-    model.output.weight = model.tok_embeddings.weight  # tied by hand, both keys present
-    _export(model, tmp_path / "out")
+    model.output.weight = model.tok_embeddings.weight  # tied by hand; config says untied
+    _export(model, tmp_path / "out", dtype="float32")
     tensors = _read_folder(tmp_path / "out")
-    assert "model.embed_tokens.weight" in tensors and "lm_head.weight" not in tensors
+    assert torch.equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"])
+    hf, info = transformers.LlamaForCausalLM.from_pretrained(
+        str(tmp_path / "out"), output_loading_info=True
+    )
+    assert not any(info.values()), info  # nothing left to random initialization
+    tokens = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (hf_logits(hf.eval(), tokens) - model(tokens)).abs().max().item() < 1e-4
 
 
 def test_subfolder_adapter_writes_its_keys_from_the_full_view_and_loads_back(tmp_path):
