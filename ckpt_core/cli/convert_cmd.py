@@ -81,19 +81,25 @@ def resolve_source(src: str, step: int | None) -> tuple[str, str]:
     return resolve_source(layout.step_dir(src, steps[-1] if step is None else step), None)
 
 
-def _converters(arg: str | None, recorded: list[dict[str, Any]] | None) -> Any:
+def _converters(
+    arg: str | None, recorded: list[dict[str, Any]] | None, *, is_export: bool = False
+) -> Any:
+    """The converters to apply: ``--converters``, else the recorded ones (none for an export).
+
+    Options always come from the source's manifest when it records the converter.
+    """
     from ckpt_core.plugins import Converters
 
     recorded = recorded or []
     if arg is None:
-        names = [c["name"] for c in recorded]
+        names = [] if is_export else [c["name"] for c in recorded]
     elif arg.strip().lower() in ("none", ""):
         names = []
     else:
         names = [n.strip() for n in arg.split(",") if n.strip()]
     options = {c["name"]: c.get("options") or {} for c in recorded if c["name"] in names}
     dropped = [c["name"] for c in recorded if c["name"] not in names]
-    if dropped:
+    if dropped and not is_export:
         logger.warning(
             "convert: the source was written with converters %s that are not applied (--converters "
             "%s): the keys they own (e.g. LoRA factors) are not read, and the output is the "
@@ -205,10 +211,9 @@ def convert(
         )
     recorded = manifest.read(folder)
     family, config = _architecture(folder, kind, model, recorded)
-    default_converters = (recorded or {}).get("converters")
-    if (recorded or {}).get("kind") == "export":
-        default_converters = []  # an export (HF or DCP) already holds the export view
-    convs = _converters(converters, default_converters)
+    # An export (HF or DCP) already holds the export view: no converters by default.
+    is_export = (recorded or {}).get("kind") == "export"
+    convs = _converters(converters, (recorded or {}).get("converters"), is_export=is_export)
     net = family.build_model(config)
     convs.convert(net)
     wrapper = ModelWrapper(net, convs)

@@ -492,3 +492,14 @@ def test_a_dcp_source_lacking_model_tensors_is_an_error_naming_them(tmp_path, ca
     config.write_text(json.dumps(LlamaStateDictAdapter(ARGS).hf_config()))
     assert _convert(tmp_path / "raw", tmp_path / "out", "--to", "hf", "--model", config) == 2
     assert "lacks 1 model tensors: ['norm.weight']" in capsys.readouterr().err
+
+
+def test_converters_named_for_an_export_take_their_options_from_its_manifest():
+    pytest.importorskip("ckpt_plugins_lora")
+    from ckpt_core.cli.convert_cmd import _converters
+
+    recorded = [{"name": "lora", "options": {"rank": 4, "alpha": 8.0}}]
+    assert _converters(None, recorded, is_export=True).names == []
+    assert _converters(None, recorded).names == ["lora"]
+    lora = _converters("lora", recorded, is_export=True)["lora"]
+    assert (lora.config.rank, lora.config.alpha) == (4, 8.0)
