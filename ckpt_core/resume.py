@@ -125,23 +125,32 @@ def check_model(
         lines.append(
             f"Checkpoint keys the model does not have ({len(unexpected)}): {_few(unexpected)}"
         )
+    mismatches = []
     for key in sorted(set(model_sd) & set(saved)):
         meta, live = saved[key], model_sd[key]
         if not isinstance(meta, TensorStorageMetadata) or not isinstance(live, torch.Tensor):
             continue
         want, got = tensor_shape(live), tuple(meta.size)
         if want != got:
-            lines.append(f"Shape mismatch for {key!r}: model {list(want)}, checkpoint {list(got)}")
+            mismatches.append(
+                f"Shape mismatch for {key!r}: model {list(want)}, checkpoint {list(got)}"
+            )
         elif dtypes and meta.properties.dtype != live.dtype:
-            lines.append(
+            mismatches.append(
                 f"Dtype mismatch for {key!r}: model {live.dtype}, checkpoint "
                 f"{meta.properties.dtype}"
             )
+    lines += mismatches[:_SHOWN]
+    if len(mismatches) > _SHOWN:
+        lines.append(f"... and {len(mismatches) - _SHOWN} more tensors whose shape or dtype differ")
     if lines:
         raise CheckpointError(
             f"{source} does not match the model (a checkpoint from a different architecture "
             "or converter set?):\n" + "\n".join(lines)
         )
+
+
+_SHOWN = 5  # mismatched tensors listed one per line; the rest are counted
 
 
 def _few(keys: list[str], limit: int = 20) -> str:

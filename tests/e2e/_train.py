@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -130,8 +131,8 @@ def start(cmd: list[str], cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=out, stderr=err)
 
 
-def kill_when(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
-    """SIGKILL ``proc`` as soon as ``ready()`` holds; fails if it ends first."""
+def kill_when(proc: subprocess.Popen, ready, timeout: float = 240, delay: float = 0.0) -> None:
+    """SIGKILL ``proc`` ``delay`` seconds after ``ready()`` holds; fails if it ends first."""
     deadline = time.monotonic() + timeout
     while not ready():
         if proc.poll() is not None:
@@ -140,6 +141,33 @@ def kill_when(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
             proc.kill()
             raise AssertionError("timed out waiting for the moment to kill the run")
         time.sleep(0.002)
+    time.sleep(delay)
+    if proc.poll() is not None:
+        raise AssertionError(f"the run ended (exit {proc.returncode}) before it was killed")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
+
+
+def kill_in_background(proc: subprocess.Popen, ready, delay: float = 0.0, timeout: float = 240):
+    """:func:`kill_when` in a thread; returns ``join()``, which re-raises its failure."""
+    failures: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            kill_when(proc, ready, timeout, delay)
+        except BaseException as exc:  # noqa: BLE001 - handed to join()
+            failures.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+
+    def join() -> None:
+        thread.join(timeout + 30)
+        if thread.is_alive():
+            proc.kill()
+            raise AssertionError("the killer thread did not finish")
+        if failures:
+            raise failures[0]
+
+    return join

@@ -97,5 +97,17 @@ def test_a_checkpoint_of_another_architecture_is_refused_and_left_untouched(tmp_
     )
     proc = t.run(t.command(run, "--model.name", str(arch), steps=6), tmp_path)
     message = assert_one_clear_error(proc, "does not match the model", "Shape mismatch for")
-    assert "[256, 64]" in message and "[256, 128]" in message  # both shapes
+    # The first mismatched key (in sorted order) with both shapes.
+    assert "'layers.0.attention.wk.weight': model [32, 64], checkpoint [64, 128]" in message
+    assert "... and 16 more tensors whose shape or dtype differ" in message  # not 21 lines
     assert snapshot(run) == before
+
+    # Other failed restarts on the same folder leave it untouched as well.
+    for args, fragment in [
+        (["--converters.enabled", "lora"], "Model keys missing from the checkpoint"),
+        (["--converters.enabled", "nosuch"], "unknown converter 'nosuch'"),
+        (["--training.lr", "-1"], "training.lr"),
+    ]:
+        proc = t.run(t.command(run, *args, steps=6), tmp_path)
+        assert_one_clear_error(proc, fragment)
+        assert snapshot(run) == before, args

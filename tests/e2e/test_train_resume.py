@@ -1,58 +1,79 @@
 """Kill ``ckpt train`` with SIGKILL, start it again, and get bit-identical losses.
 
-For every converter set and async mode: an uninterrupted reference run (shared
-per converter set), then a run killed after a checkpoint was committed while it
-keeps training, restarted with the same command. Every step either run logged
-must carry exactly the reference's loss, and the restart must continue from the
-newest committed step.
+For every converter set: an uninterrupted reference run (shared per converter set)
+and, at the same time, one run per async mode killed at a random moment after its
+first commit (a random step, then a random delay: mid-step, mid-save or mid-commit),
+each restarted with the same command. Every step any run logged must carry exactly
+the reference's loss, and each restart must continue from the newest committed step.
 """
 
 from __future__ import annotations
 
+import random
 import shutil
 
 import pytest
 
 from tests.e2e import _train as t
 
-CASES = [
-    (name, mode, kill_at)
-    for i, name in enumerate(t.CONVERTER_SETS)
-    for mode, kill_at in [("disabled", 5 + 2 * i), ("async", 6 + 2 * i)]
-]
+MODES = ["disabled", "async"]
+
+
+def killable(folder, kill_at: int):
+    """Ready once a step is committed and step ``kill_at`` was logged."""
+    return lambda: t.committed_steps(folder) and max(t.losses(folder), default=0) >= kill_at
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("converters", "async_mode", "kill_at"), CASES)
-def test_a_run_killed_mid_training_resumes_with_bit_identical_losses(
-    converters, async_mode, kill_at, reference, tmp_path
+@pytest.mark.parametrize("converters", list(t.CONVERTER_SETS))
+def test_runs_killed_at_random_moments_resume_with_bit_identical_losses(
+    converters, reference, tmp_path
 ):
-    ref = reference(converters)
-    cmd = t.command(
-        tmp_path,
-        *t.converter_args(t.CONVERTER_SETS[converters]),
-        "--checkpoint.async_mode",
-        async_mode,
-    )
-    proc = t.start(cmd, tmp_path)
-    t.kill_when(
-        proc,
-        lambda: t.committed_steps(tmp_path) and max(t.losses(tmp_path), default=0) >= kill_at,
-    )
-    before = len(t.records(tmp_path))
-    committed = t.committed_steps(tmp_path)
-    assert committed and max(committed) < t.STEPS
-    assert t.damaged_steps(tmp_path) == {}
+    names = t.CONVERTER_SETS[converters]
+    reason = t.plugin_missing(names)
+    if reason:
+        pytest.skip(reason)
+    rng = random.Random()
+    runs, joins = {}, []
+    for mode in MODES:
+        folder = tmp_path / mode
+        folder.mkdir()
+        cmd = t.command(folder, *t.converter_args(names), "--checkpoint.async_mode", mode)
+        kill_at, delay = rng.randint(4, 11), rng.uniform(0.0, 0.03)
+        joins.append(t.kill_in_background(t.start(cmd, folder), killable(folder, kill_at), delay))
+        runs[mode] = (
+            folder,
+            cmd,
+            f"{converters}/{mode}: killed after step {kill_at} + {delay:.3f}s",
+        )
+    ref = reference(converters)  # the uninterrupted run, while the two others run and die
+    for join in joins:
+        join()
 
-    t.run_ok(cmd, tmp_path)
+    before, committed = {}, {}
+    for mode, (folder, _, what) in runs.items():
+        before[mode] = len(t.records(folder))
+        committed[mode] = t.committed_steps(folder)
+        assert committed[mode] and max(committed[mode]) < t.STEPS, what
+        assert t.damaged_steps(folder) == {}, what
 
-    logged = t.records(tmp_path)
-    assert [r["step"] for r in logged[before:]] == list(range(max(committed) + 1, t.STEPS + 1))
-    mismatched = {
-        r["step"]: (r["loss"], ref[r["step"]]) for r in logged if r["loss"] != ref[r["step"]]
-    }
-    assert mismatched == {}
-    assert t.committed_steps(tmp_path)[-1] == t.STEPS
+    restarts = {mode: t.start(cmd, folder) for mode, (folder, cmd, _) in runs.items()}
+    for mode, proc in restarts.items():
+        folder, _, what = runs[mode]
+        code = proc.wait(timeout=300)
+        assert code == 0, (
+            f"{what}: restart exit {code}\n{(folder / 'stderr.txt').read_text()[-4000:]}"
+        )
+
+    for mode, (folder, _, what) in runs.items():
+        logged = t.records(folder)
+        resumed = [r["step"] for r in logged[before[mode] :]]
+        assert resumed == list(range(max(committed[mode]) + 1, t.STEPS + 1)), what
+        mismatched = {
+            r["step"]: (r["loss"], ref[r["step"]]) for r in logged if r["loss"] != ref[r["step"]]
+        }
+        assert mismatched == {}, what
+        assert t.committed_steps(folder)[-1] == t.STEPS, what
 
 
 def test_a_run_killed_while_saving_leaves_only_complete_steps_and_resumes_exactly(
