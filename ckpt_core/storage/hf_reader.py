@@ -180,7 +180,16 @@ def read_into(
         if n not in containers and not (quantized and n.endswith((SCALE_SUFFIX, CT_SCALE_SUFFIX)))
     ]
     if unexpected:
-        logger.info("%s: %d tensors unused: %s", path, len(unexpected), unexpected[:8])
+        # For a full (strict) load a warning, not a debug note: more layers in the folder
+        # than in the model load "fine" otherwise (a tied model's leftover lm_head.weight is
+        # listed here too). Partial loads (additional_load) report these themselves.
+        logger.log(
+            logging.WARNING if strict else logging.INFO,
+            "%s: %d tensors match no key of the model and were not loaded: %s",
+            path,
+            len(unexpected),
+            unexpected[:8],
+        )
     return missing
 
 

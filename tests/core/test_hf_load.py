@@ -162,3 +162,12 @@ def test_hf_base_load_leaves_converter_owned_keys_as_initialized(tmp_path):
     assert torch.equal(
         model.layers["1"].feed_forward.w2.weight, hf.model.layers[1].mlp.down_proj.weight
     )
+
+
+def test_tensors_the_model_has_no_key_for_are_named_in_a_warning(tmp_path, caplog):
+    hf_llama(layers=3).save_pretrained(str(tmp_path))
+    model = build_model(str(tmp_path))
+    model.layers.pop("2")  # a model with fewer layers than the folder
+    load_hf(ModelWrapper(model), str(tmp_path), sd_adapter=LlamaStateDictAdapter(model.args))
+    assert "9 tensors match no key of the model" in caplog.text
+    assert "model.layers.2." in caplog.text
