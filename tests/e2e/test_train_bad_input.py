@@ -106,7 +106,6 @@ def test_a_checkpoint_of_another_architecture_is_refused_and_left_untouched(tmp_
     for args, fragment in [
         (["--converters.enabled", "lora"], "Model keys missing from the checkpoint"),
         (["--converters.enabled", "nosuch"], "unknown converter 'nosuch'"),
-        (["--training.lr", "-1"], "training.lr"),
     ]:
         proc = t.run(t.command(run, *args, steps=6), tmp_path)
         assert_one_clear_error(proc, fragment)
