@@ -36,10 +36,18 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     """Validate the config, then train here or relaunch under torchrun."""
     from ckpt_core.errors import CkptError, ConfigError
     from ckpt_core.trainer.config import load_train_config
-    from ckpt_core.trainer.launch import check_devices, env_rank, relaunch, under_torchrun
+    from ckpt_core.trainer.launch import (
+        check_devices,
+        die_with_launcher,
+        env_rank,
+        relaunch,
+        under_torchrun,
+    )
 
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {args.nproc}.")
+    if under_torchrun():
+        die_with_launcher()
     cfg = load_train_config(args.config, extra)
 
     if args.nproc > 1 and not under_torchrun():

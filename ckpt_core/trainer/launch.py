@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +22,9 @@ import torch
 import torch.distributed as dist
 
 logger = logging.getLogger("ckpt_core.trainer")
+
+#: Set by :func:`relaunch` for its workers: the pid of the ``ckpt train --nproc N`` process.
+LAUNCHER_ENV = "CKPT_TRAIN_LAUNCHER_PID"
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,28 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def die_with_launcher() -> None:
+    """In a worker of ``ckpt train --nproc N``: be killed when the launcher dies (Linux).
+
+    torchrun starts each worker in its own session and stops them only when it can
+    run its handlers; a launcher killed with SIGKILL would leave them training, and
+    the same command started again would write beside them into the same folders.
+    ``PR_SET_PDEATHSIG`` has the kernel SIGKILL this worker when its launcher dies.
+    """
+    expected = os.environ.get(LAUNCHER_ENV)
+    if expected is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0:
+        logger.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d)", ctypes.get_errno())
+        return
+    if str(os.getppid()) != expected:  # the launcher died before the prctl call
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def relaunch(nproc: int, argv: Sequence[str], *, verbose: bool = False) -> int:
     """Run ``ckpt train argv`` on ``nproc`` local ranks under torchrun; the exit code.
 
@@ -118,6 +144,7 @@ def relaunch(nproc: int, argv: Sequence[str], *, verbose: bool = False) -> int:
     )
     # One thread per rank's share of the cores (torchrun would warn and pick 1).
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    os.environ[LAUNCHER_ENV] = str(os.getpid())  # workers die with this process
     # torchrun's agent logs restarts and failures with long tracebacks: keep errors only.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     logger.info("launching %d ranks with torchrun", nproc)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -28,3 +31,57 @@ def test_a_run_saved_on_two_ranks_resumes_on_one_rank_at_the_next_step(reference
     assert one[0]["tokens"] == 7 * 4 * 32
     for r in one:
         assert r["loss"] == pytest.approx(ref[r["step"]], rel=1e-3)
+
+
+def children(pid: int) -> list[int]:
+    """Pids whose parent is ``pid`` (Linux /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_killing_the_nproc_launcher_kills_its_ranks_and_the_same_command_resumes(tmp_path):
+    cmd = t.command(tmp_path, steps=15, nproc=2)
+    proc = t.start(cmd, tmp_path)
+    ranks: list[int] = []
+
+    def ready() -> bool:
+        if not (t.committed_steps(tmp_path) and max(t.losses(tmp_path), default=0) >= 4):
+            return False
+        ranks[:] = children(proc.pid)
+        return True
+
+    t.kill_when(proc, ready)
+    assert len(ranks) == 2
+    deadline = time.monotonic() + 15
+    while any(alive(pid) for pid in ranks) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid in ranks), "ranks outlived their killed launcher"
+    before = t.records(tmp_path)
+    committed = t.committed_steps(tmp_path)
+    assert max(r["step"] for r in before) < 15 and max(committed) < 15  # they did not finish
+    assert t.damaged_steps(tmp_path) == {}
+
+    t.run_ok(cmd, tmp_path)
+    resumed = t.records(tmp_path)[len(before) :]
+    assert [r["step"] for r in resumed] == list(range(max(committed) + 1, 16))
+    # Steps the killed run logged after its last commit are redone with the same loss, bitwise.
+    first = {r["step"]: r["loss"] for r in before}
+    assert [r["loss"] for r in resumed if r["step"] in first] == [
+        first[r["step"]] for r in resumed if r["step"] in first
+    ]
