@@ -38,7 +38,9 @@ def test_the_default_run_learns_checkpoints_and_exports_a_bf16_model_transformer
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["outputs"]  # nothing else in the cwd
     out = tmp_path / "outputs"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "export", "metrics.jsonl"]
     logged = t.records(out)
     assert [r["step"] for r in logged] == list(range(1, 201))
     first = sum(r["loss"] for r in logged[:10]) / 10
