@@ -89,8 +89,29 @@ def apply_overrides(
     return data
 
 
-def format_config_error(exc: ValidationError, prefix: str = "") -> str:
-    """One line per problem: ``field.path: message (got value)``."""
+def known_fields(model: type[BaseModel] | None, loc: Sequence[Any]) -> list[str]:
+    """Field names of the (nested) model that holds the field at ``loc``; [] if unknown."""
+    for part in loc[:-1]:
+        if model is None:
+            return []
+        field = model.model_fields.get(str(part)) if isinstance(part, str) else None
+        if field is None:
+            if isinstance(part, int):
+                continue  # a list index: stay on the item model found before
+            return []
+        ann = field.annotation
+        args = [ann, *typing.get_args(ann)]
+        model = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return list(model.model_fields) if model is not None else []
+
+
+def format_config_error(
+    exc: ValidationError, prefix: str = "", model: type[BaseModel] | None = None
+) -> str:
+    """One line per problem: ``field.path: message (got value)``.
+
+    With ``model``, an unknown field also lists the fields allowed at that place.
+    """
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err.get("loc", ()))
@@ -98,7 +119,8 @@ def format_config_error(exc: ValidationError, prefix: str = "") -> str:
             loc = f"{prefix}.{loc}" if loc else prefix
         msg = err.get("msg", "invalid")
         if err.get("type") == "extra_forbidden":
-            msg = "unknown field"
+            allowed = known_fields(model, err.get("loc", ()))
+            msg = "unknown field" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
         msg = msg.removeprefix("Value error, ")
         lines.append(f"{loc}: {msg} (got {err.get('input')!r})")
     return "\n".join(lines)
@@ -109,7 +131,7 @@ def build_config(model: type[M], data: dict[str, Any], prefix: str = "") -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_config_error(exc, prefix)) from None
+        raise ConfigError(format_config_error(exc, prefix, model)) from None
 
 
 def load_config(model: type[M], path: str | Path | None = None, overrides: Sequence[str] = ()) -> M:

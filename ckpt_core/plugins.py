@@ -28,14 +28,18 @@ logger = logging.getLogger(__name__)
 TRACE_ENV = "CKPT_TRACE_PLUGINS"
 
 
-def format_validation_error(converter: str, exc: ValidationError) -> str:
-    """``Converter 'lora' option 'rank': ...`` lines from a pydantic error."""
+def format_validation_error(converter: str, exc: ValidationError, config_cls: Any = None) -> str:
+    """``Converter 'lora' option 'rank': ...`` lines from a pydantic error.
+
+    With ``config_cls``, an unknown option also lists the converter's options.
+    """
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err.get("loc", ())) or "<options>"
         msg = err.get("msg", "invalid")
         if err.get("type") == "extra_forbidden":
-            msg = "unknown option"
+            options = list(getattr(config_cls, "model_fields", {}))
+            msg = "unknown option" + (f"; options: {', '.join(options)}" if options else "")
         lines.append(f"Converter {converter!r} option {loc!r}: {msg} (got {err.get('input')!r})")
     return "\n".join(lines)
 
@@ -119,7 +123,7 @@ class Converters:
             try:
                 config = conv_cls.Config(**split_list_options(conv_cls.Config, options.get(name)))
             except ValidationError as exc:
-                raise ConfigError(format_validation_error(name, exc)) from None
+                raise ConfigError(format_validation_error(name, exc, conv_cls.Config)) from None
             try:
                 instances.append(conv_cls(config))
             except (ConfigError, PluginError):

@@ -71,3 +71,13 @@ def test_override_values_parse_as_literals_else_strings():
     assert data == {"a": {"b": {"c": 1.5}, "d": "x"}}
     with pytest.raises(ConfigError, match="needs a value"):
         apply_overrides({}, ["--a"])
+
+
+def test_unknown_field_lists_the_fields_allowed_at_that_place():
+    with pytest.raises(ConfigError) as err:
+        build_config(CheckpointConfig, {"export": {"dtyp": "float32"}})
+    msg = str(err.value)
+    assert "export.dtyp: unknown field; allowed:" in msg
+    assert "dtype" in msg and "interval" in msg and "keep_latest_k" not in msg
+    with pytest.raises(ConfigError, match="allowed: path, converter"):
+        build_config(CheckpointConfig, {"additional_load": [{"path": "/a", "conv": "lora"}]})

@@ -85,7 +85,7 @@ def test_invalid_option_names_converter_option_and_reason():
         Converters.from_config(["lora"], {"lora": {"rank": 0, "bogus": 1}})
     msg = str(err.value)
     assert "Converter 'lora' option 'rank'" in msg
-    assert "Converter 'lora' option 'bogus': unknown option" in msg
+    assert "Converter 'lora' option 'bogus': unknown option; options: rank, alpha" in msg
 
 
 def test_list_options_given_as_comma_separated_text_become_lists():
