@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from ckpt_core.dtensor_utils import with_local
+
 logger = logging.getLogger(__name__)
 
 ASYNC_MODES = ("disabled", "async", "async_with_pinned_mem")
@@ -136,14 +138,7 @@ class BufferStager:
 
         if isinstance(tensor, DTensor):
             local = self._buffer_for(tensor.to_local(), path, copies)
-            return DTensor.from_local(
-                local,
-                tensor.device_mesh,
-                tensor.placements,
-                shape=tensor.shape,
-                stride=tensor.stride(),
-                run_check=False,
-            )
+            return with_local(tensor, local)
         return self._buffer_for(tensor, path, copies)
 
     def _buffer_for(self, tensor: torch.Tensor, path: tuple[Any, ...], copies: list) -> Any:

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ckpt_core.dtensor_utils import with_local
 from ckpt_core.errors import CheckpointError
 from ckpt_core.plugins import Converters
 
@@ -55,14 +56,7 @@ def unwrap_tensor(value: Any) -> Any:
         inner = _unwrap_plain(local)
         if inner is local:
             return value
-        return DTensor.from_local(
-            inner,
-            value.device_mesh,
-            value.placements,
-            shape=value.shape,
-            stride=value.stride(),
-            run_check=False,
-        )
+        return with_local(value, inner)
     return _unwrap_plain(value)
 
 

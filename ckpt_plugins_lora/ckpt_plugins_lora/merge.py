@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ckpt_core.dtensor_utils import with_local
 from ckpt_core.errors import CheckpointError
 from ckpt_plugins_lora.layers import LORA_A, LORA_B
 
@@ -106,14 +107,7 @@ def _merged_dtensor(weight: Any, a: torch.Tensor, b: torch.Tensor, scaling: floa
     cols = slice(offset[1], offset[1] + shape[1])
     delta = b[rows].to(local.device) @ a[:, cols].to(local.device)
     merged = (local.float() + scaling * delta).to(local.dtype)
-    return DTensor.from_local(
-        merged,
-        weight.device_mesh,
-        weight.placements,
-        shape=weight.shape,
-        stride=weight.stride(),
-        run_check=False,
-    )
+    return with_local(weight, merged)
 
 
 def _whole(t: torch.Tensor) -> torch.Tensor:
