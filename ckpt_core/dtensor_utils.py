@@ -21,3 +21,12 @@ def with_local(template: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         stride=template.stride(),
         run_check=False,
     )
+
+
+def full_tensor(value: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (a collective on its mesh); plain tensors as they are."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, DTensor):
+        return value.full_tensor()
+    return value

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from ckpt_core.dtensor_utils import full_tensor, with_local
 from ckpt_core.storage import layout
 from ckpt_core.storage.manifest import crc32_hex
 from ckpt_core.transforms import HFGroup, cast_dtype
@@ -262,20 +263,11 @@ class _StagedFile:
 def _gather(value: Any) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
-    if not isinstance(value, DTensor):
-        return value
-    if value.dtype.is_floating_point and value.dtype.itemsize == 1:
+    if isinstance(value, DTensor) and value.dtype.is_floating_point and value.dtype.itemsize == 1:
         # gloo cannot all-gather float8 ("Invalid scalar type"): gather the same bytes as uint8.
-        as_bytes = DTensor.from_local(
-            value.to_local().view(torch.uint8),
-            value.device_mesh,
-            value.placements,
-            shape=value.shape,
-            stride=value.stride(),
-            run_check=False,
-        )
+        as_bytes = with_local(value, value.to_local().view(torch.uint8))
         return as_bytes.full_tensor().view(value.dtype)
-    return value.full_tensor()
+    return full_tensor(value)
 
 
 def _write_file(

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ckpt_core.dtensor_utils import with_local
+from ckpt_core.dtensor_utils import full_tensor, with_local
 from ckpt_core.errors import CheckpointError
 from ckpt_plugins_lora.layers import LORA_A, LORA_B
 
@@ -73,8 +73,8 @@ def merged_weight(
     from torch.distributed.tensor import DTensor
 
     with torch.no_grad():
-        a = _whole(lora_a).float()
-        b = _whole(lora_b).float()
+        a = full_tensor(lora_a).float()
+        b = full_tensor(lora_b).float()
         _check_shapes(weight, a, b)
         if isinstance(weight, DTensor):
             return _merged_dtensor(weight, a, b, scaling)
@@ -108,12 +108,6 @@ def _merged_dtensor(weight: Any, a: torch.Tensor, b: torch.Tensor, scaling: floa
     delta = b[rows].to(local.device) @ a[:, cols].to(local.device)
     merged = (local.float() + scaling * delta).to(local.dtype)
     return with_local(weight, merged)
-
-
-def _whole(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _check_shapes(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ckpt_core.dtensor_utils import full_tensor
 from ckpt_plugins_qat.quantize import pack_int32, quantize_weight
 from ckpt_plugins_qat.schemes import Scheme
 
@@ -58,15 +59,6 @@ def target_weight_keys(state_dict: dict[str, Any], targets: Iterable[str]) -> li
         if leaf_of(module_of(key)) in wanted and getattr(value, "ndim", 0) == 2:
             out.append(key)
     return out
-
-
-def full_tensor(value: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a DTensor (a collective on its mesh); plain tensors as they are."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(value, DTensor):
-        return value.full_tensor()
-    return value
 
 
 def is_row_sharded(value: Any) -> bool:
