@@ -296,8 +296,7 @@ def _write_json(path: str, obj: Any) -> tuple[int, str]:
 
 
 def _write_bytes(path: str, data: bytes) -> tuple[int, str]:
-    fs, inner = layout.filesystem(path)
-    with open(inner, "wb") if fs is None else fs.open(inner, "wb") as f:
+    with layout.open_file(path, "wb") as f:
         f.write(data)
     return len(data), crc32_hex(zlib.crc32(data))
 

@@ -85,6 +85,12 @@ def exists(path: str) -> bool:
     return os.path.exists(inner) if fs is None else fs.exists(inner)
 
 
+def open_file(path: str, mode: str) -> Any:
+    """Open a file at a local path (built-in ``open``) or an fsspec URI (``fs.open``)."""
+    fs, inner = filesystem(path)
+    return open(inner, mode) if fs is None else fs.open(inner, mode)
+
+
 def makedirs(path: str) -> None:
     """Create ``path`` and its parents if needed."""
     fs, inner = filesystem(path)

@@ -39,11 +39,6 @@ def crc32_hex(value: int) -> str:
     return f"{CHECKSUM_ALGO}:{value & 0xFFFFFFFF:08x}"
 
 
-def _open(path: str, mode: str):
-    fs, inner = layout.filesystem(path)
-    return open(inner, mode) if fs is None else fs.open(inner, mode)
-
-
 def _size(path: str) -> int | None:
     fs, inner = layout.filesystem(path)
     try:
@@ -57,7 +52,7 @@ def file_checksum(path: str, progress: Callable[[int], None] | None = None) -> s
     crc = 0
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
-    with _open(path, "rb") as f:
+    with layout.open_file(path, "rb") as f:
         while True:
             n = f.readinto(buf) if hasattr(f, "readinto") else None
             if n is None:
@@ -161,7 +156,7 @@ def read(folder: str) -> dict[str, Any] | None:
     """The manifest of ``folder``, or ``None`` when it has none or it is not valid JSON."""
     path = layout.join(folder, MANIFEST_NAME)
     try:
-        with _open(path, "rb") as f:
+        with layout.open_file(path, "rb") as f:
             data = json.loads(f.read())
     except (OSError, FileNotFoundError, ValueError):
         return None
