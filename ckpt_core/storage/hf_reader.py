@@ -193,6 +193,16 @@ def read_into(
     return missing
 
 
+def _read_scale(name: str, files: Mapping[str, str], handles: dict[str, Any]) -> torch.Tensor:
+    """Tensor ``name`` from its file; the file's handle is opened once and kept in ``handles``."""
+    from safetensors import safe_open
+
+    file = files[name]
+    if file not in handles:
+        handles[file] = safe_open(file, framework="pt").__enter__()
+    return handles[file].get_tensor(name)
+
+
 def _dequantize(
     name: str,
     value: torch.Tensor,
@@ -200,8 +210,6 @@ def _dequantize(
     files: Mapping[str, str],
     handles: dict[str, Any],
 ) -> torch.Tensor:
-    from safetensors import safe_open
-
     scale_name = name + SCALE_SUFFIX
     if scale_name not in files and name + CT_SCALE_SUFFIX in files:
         return _dequantize_per_channel(name, value, offset, files, handles)
@@ -212,10 +220,7 @@ def _dequantize(
         )
     if value.dim() != 2:
         raise CheckpointError(f"{name!r}: block-quantized weights must be 2-D, got {value.dim()}.")
-    file = files[scale_name]
-    if file not in handles:
-        handles[file] = safe_open(file, framework="pt").__enter__()
-    scale = handles[file].get_tensor(scale_name)
+    scale = _read_scale(scale_name, files, handles)
     return dequantize_region(value, scale, (offset[0], offset[1]))
 
 
@@ -234,12 +239,7 @@ def _dequantize_per_channel(
 
     The scale has one entry (per tensor) or one per row (``[rows, 1]``, per channel).
     """
-    from safetensors import safe_open
-
-    file = files[name + CT_SCALE_SUFFIX]
-    if file not in handles:
-        handles[file] = safe_open(file, framework="pt").__enter__()
-    scale = handles[file].get_tensor(name + CT_SCALE_SUFFIX).float()
+    scale = _read_scale(name + CT_SCALE_SUFFIX, files, handles).float()
     if scale.numel() > 1:
         scale = scale.reshape(-1, 1)[offset[0] : offset[0] + value.shape[0]]
     return value.float() * scale
