@@ -86,18 +86,15 @@ def describe_dcp(folder: str) -> dict[str, Any]:
     return {"format": "dcp", "states": states, "tensors": tensors}
 
 
-_ST_ITEMSIZE = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-}  # fmt: skip
-
-
 def describe_safetensors(folder: str) -> dict[str, Any]:
     """Tensors of every ``*.safetensors`` file under a local folder (headers only)."""
     import os
 
     from safetensors import safe_open
 
+    from ckpt_core.storage.hf_writer import SAFETENSORS_DTYPES
+
+    itemsize = {name: dtype.itemsize for dtype, name in SAFETENSORS_DTYPES.items()}
     tensors = []
     for root, _dirs, files in os.walk(folder):
         for name in sorted(files):
@@ -113,7 +110,7 @@ def describe_safetensors(folder: str) -> dict[str, Any]:
                     numel = 1
                     for d in shape:
                         numel *= d
-                    nbytes = numel * _ST_ITEMSIZE[dtype] if dtype in _ST_ITEMSIZE else None
+                    nbytes = numel * itemsize[dtype] if dtype in itemsize else None
                     tensors.append(
                         {"key": f"{rel}:{key}", "shape": shape, "dtype": dtype, "bytes": nbytes}
                     )
