@@ -200,11 +200,6 @@ class Converters:
             ) from exc
         return results[0] if results else None
 
-    def _implements(self, index: int, hook: str) -> bool:
-        conv = self._items[index]
-        impls = getattr(self._pm.hook, hook).get_hookimpls()
-        return any(impl.plugin is conv for impl in impls)
-
     # -- composed hooks -------------------------------------------------------
 
     def convert(self, model: Any) -> None:
