@@ -41,6 +41,14 @@ class StateDictAdapter(ABC):
         (name,) = self.to_hf({fqn: None}).keys()
         return name
 
+    def hf_module(self, module: str) -> str:
+        """HF name of a native module path (``layers.0.attention.wq`` -> ``...q_proj``).
+
+        Derived from :meth:`hf_key` of the module's ``weight`` key; converter
+        adapters use it to name the modules they quantize or adapt.
+        """
+        return self.hf_key(f"{module}.weight").removesuffix(".weight")
+
     def update_hf_config(self, config: dict[str, Any]) -> dict[str, Any]:
         """Return ``config.json`` content with this adapter's additions.
 

@@ -158,9 +158,7 @@ class Float8ExportAdapter(StateDictAdapter):
 
     def hf_module_name(self, fqn: str) -> str:
         """HF name of a native module path (via the model adapter's name for its weight)."""
-        if self.model_adapter is None:
-            return fqn
-        return self.model_adapter.hf_key(f"{fqn}.weight").removesuffix(".weight")
+        return fqn if self.model_adapter is None else self.model_adapter.hf_module(fqn)
 
     def ignore_list(self) -> list[str]:
         """HF module names of the linears that stay high precision.

@@ -76,9 +76,7 @@ class QATStateDictAdapter(StateDictAdapter):
 
     def hf_module(self, module: str) -> str:
         """HF name of a native module path (through the model adapter, if any)."""
-        if self.model_adapter is None:
-            return module
-        return self.model_adapter.hf_key(f"{module}.weight").removesuffix(".weight")
+        return module if self.model_adapter is None else self.model_adapter.hf_module(module)
 
     def update_hf_config(self, config: dict[str, Any]) -> dict[str, Any]:
         """``config`` plus this export's ``quantization_config``."""
