@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ckpt_core.adapter import StateDictAdapter
+from ckpt_core.quantization_config import add_quantization_config
 from ckpt_plugins_qat.schemes import Scheme
 
 #: The HF name of the output projection, never quantized.
@@ -50,6 +51,9 @@ class QATStateDictAdapter(StateDictAdapter):
             linears that were not quantized (they go to ``ignore`` under their
             HF names); called when ``config.json`` is written.
         model_adapter: the model's adapter, used to name modules the HF way.
+        quantized_linears: returns the native module names of the linears that
+            were quantized; needed to merge with another quantizing converter's
+            ``quantization_config`` (e.g. float8's fp8 export on other linears).
     """
 
     subfolder = None
@@ -60,10 +64,12 @@ class QATStateDictAdapter(StateDictAdapter):
         group_size: int,
         unquantized_linears: Callable[[], Iterable[str]],
         model_adapter: StateDictAdapter | None = None,
+        quantized_linears: Callable[[], Iterable[str]] = lambda: (),
     ) -> None:
         self.scheme = scheme
         self.group_size = group_size
         self.unquantized_linears = unquantized_linears
+        self.quantized_linears = quantized_linears
         self.model_adapter = model_adapter
 
     def to_hf(self, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -79,11 +85,11 @@ class QATStateDictAdapter(StateDictAdapter):
         return module if self.model_adapter is None else self.model_adapter.hf_module(module)
 
     def update_hf_config(self, config: dict[str, Any]) -> dict[str, Any]:
-        """``config`` plus this export's ``quantization_config``."""
+        """``config`` plus this export's ``quantization_config`` (merged with one already there)."""
         ignore = [self.hf_module(m) for m in self.unquantized_linears()]
-        out = dict(config)
-        out["quantization_config"] = quantization_config(self.scheme, self.group_size, ignore)
-        return out
+        quantized = [self.hf_module(m) for m in self.quantized_linears()]
+        qc = quantization_config(self.scheme, self.group_size, ignore)
+        return add_quantization_config(config, qc, quantized, owner="qat")
 
     def describe(self) -> dict[str, Any]:
         """Scheme and group size, for manifests."""

@@ -142,4 +142,5 @@ class QATConverter(Converter):
             self.config.group_size,
             unquantized_linears=lambda: list(self.unprepared),
             model_adapter=model_adapter,
+            quantized_linears=lambda: list(self.prepared),
         )

@@ -1,0 +1,104 @@
+"""Composing compressed-tensors ``quantization_config`` entries of ``config.json``.
+
+A quantizing converter's adapter (QAT, Float8 with ``export = "fp8"``) describes its
+export with one ``quantization_config``: config groups targeting ``Linear`` and an
+``ignore`` list naming every linear it left alone. When two such converters are
+enabled on different linears, the second must not overwrite the first (transformers
+would then read the first converter's tensors with the second's scheme and initialize
+them randomly). :func:`add_quantization_config` merges them instead into one config
+whose groups name their modules explicitly, with ``format = "mixed-precision"`` when
+the groups' formats differ; compressed-tensors decompresses each module by its own
+group's format.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any
+
+from ckpt_core.errors import PluginError
+
+KEY = "quantization_config"
+MIXED = "mixed-precision"
+#: The one class target the bundled converters write; merging turns it into module names.
+LINEAR = "Linear"
+
+
+def add_quantization_config(
+    config: dict[str, Any], qc: dict[str, Any], quantized: Iterable[str], owner: str
+) -> dict[str, Any]:
+    """Return ``config`` (a ``config.json`` dict) with ``qc`` added under ``quantization_config``.
+
+    Args:
+        config: ``config.json`` content so far; not modified.
+        qc: this converter's ``quantization_config`` (groups targeting ``Linear``,
+            ``ignore`` listing every linear it did not quantize, under HF names).
+        quantized: HF module names this converter quantized.
+        owner: the converter's name, for error messages.
+
+    With no ``quantization_config`` in ``config`` yet, ``qc`` is stored as it is.
+    Otherwise both are merged: each group targets the HF module names it
+    quantizes, ``ignore`` keeps the linears neither quantized, and a module that
+    both quantize is a :class:`PluginError` naming them.
+    """
+    out = copy.deepcopy(config)
+    existing = out.get(KEY)
+    if existing is None:
+        out[KEY] = copy.deepcopy(qc)
+        return out
+    out[KEY] = merge_quantization_configs(existing, qc, quantized, owner)
+    return out
+
+
+def merge_quantization_configs(
+    existing: dict[str, Any], qc: dict[str, Any], quantized: Iterable[str], owner: str
+) -> dict[str, Any]:
+    """One compressed-tensors config holding the groups of ``existing`` and of ``qc``."""
+    mine = list(dict.fromkeys(quantized))
+    for name, value in (("existing", existing), (owner, qc)):
+        method = value.get("quant_method")
+        if method != "compressed-tensors":
+            raise PluginError(
+                f"Converter {owner!r}: cannot merge its quantization_config with one whose "
+                f"quant_method is {method!r} (from {name}); only compressed-tensors configs "
+                "compose. Enable one quantizing export at a time."
+            )
+    # Every linear of the model: what this converter quantized plus what it ignored.
+    linears = set(mine) | set(qc.get("ignore", []))
+    old_ignore = list(existing.get("ignore", []))
+    theirs = [n for n in sorted(linears) if n not in set(old_ignore)]
+
+    groups: list[dict[str, Any]] = []
+    for group in existing.get("config_groups", {}).values():
+        group = copy.deepcopy(group)
+        if group.get("targets") == [LINEAR]:
+            group["targets"] = theirs
+        groups.append(group)
+    claimed = {t for g in groups for t in g.get("targets", [])}
+    both = sorted(claimed.intersection(mine))
+    if both:
+        shown = ", ".join(both[:5]) + (f" and {len(both) - 5} more" if len(both) > 5 else "")
+        raise PluginError(
+            f"Converter {owner!r} and an earlier quantizing converter both quantize {shown} "
+            "in the export; a linear can carry one quantization scheme. Keep each linear in "
+            "one converter's targets (e.g. float8 filter_fqns, qat targets)."
+        )
+    for group in qc.get("config_groups", {}).values():
+        group = copy.deepcopy(group)
+        if group.get("targets") == [LINEAR]:
+            group["targets"] = list(mine)
+        groups.append(group)
+    groups = [g for g in groups if g.get("targets")]
+
+    formats = {g.get("format") or existing.get("format") for g in groups}
+    for group in groups:
+        group.setdefault("format", existing.get("format"))
+    new_ignore = set(qc.get("ignore", []))
+    merged = copy.deepcopy(existing)
+    merged["config_groups"] = {f"group_{i}": g for i, g in enumerate(groups)}
+    merged["ignore"] = [n for n in old_ignore if n in new_ignore]
+    merged["format"] = formats.pop() if len(formats) == 1 else MIXED
+    if merged.get("kv_cache_scheme") is None:
+        merged["kv_cache_scheme"] = qc.get("kv_cache_scheme")
+    return merged
