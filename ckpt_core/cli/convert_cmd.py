@@ -88,6 +88,8 @@ def _converters(
 
     Options always come from the source's manifest when it records the converter.
     """
+    from ckpt_core.discovery import discover_converters
+    from ckpt_core.errors import ConfigError
     from ckpt_core.plugins import Converters
 
     recorded = recorded or []
@@ -106,6 +108,18 @@ def _converters(
             "model without them.",
             dropped,
             arg,
+        )
+    available = discover_converters()
+    absent = [n for n in names if n not in available]
+    if arg is None and absent:
+        others = ",".join(n for n in names if n in available) or "none"
+        raise ConfigError(
+            f"convert: the source's manifest records converters {names}, and {absent} "
+            f"{'is' if len(absent) == 1 else 'are'} not installed (installed: "
+            f"{', '.join(sorted(available)) or 'none'}). Install the distribution that "
+            f"provides it, or convert without it: --converters {others} (the keys it owns "
+            "are then not read; float8, which owns none, changes nothing in a high-precision "
+            "output)."
         )
     return Converters.from_config(names, options)
 
@@ -291,17 +305,45 @@ def _load_dcp(wrapper, folder: str, *, keep, strict: bool) -> None:
     from ckpt_core.storage.safe_metadata import read_metadata
 
     saved = read_metadata(folder).state_dict_metadata
-    state = {k: v for k, v in wrapper.state_dict("full").items() if keep is None or keep(k)}
+    full = wrapper.state_dict("full")
+    state = {k: v for k, v in full.items() if keep is None or keep(k)}
     missing = sorted(k for k in state if f"model.{k}" not in saved)
     if missing and strict:
         raise CheckpointError(
             f"convert: {folder} lacks {len(missing)} model tensors: {missing[:5]}. Is it a "
             "checkpoint of this architecture, written with these converters (--converters)?"
         )
+    # Keys the model lacks are skipped on purpose (--converters none leaves LoRA factors
+    # out), but float8 values loaded into a wider container would be raw, unscaled codes.
+    narrowed = sorted(
+        k
+        for k, v in state.items()
+        if k not in missing and _is_quantized_into_wider(saved[f"model.{k}"], v)
+    )
+    if narrowed:
+        dtype = saved[f"model.{narrowed[0]}"].properties.dtype
+        raise CheckpointError(
+            f"convert: {folder} stores {len(narrowed)} model tensors as {dtype} (e.g. "
+            f"{narrowed[:3]}), quantized values that need their scales: a quantized export "
+            "(float8 export = 'fp8') written as DCP. Convert the resumable checkpoint it was "
+            "exported from (checkpoint.folder/step-N) instead; an fp8 export in HF format "
+            "(checkpoint.export.format = 'hf') is read back dequantized."
+        )
     state = {k: v for k, v in state.items() if k not in missing}
     with single_process_quiet():
         dcp.load({"model": state}, storage_reader=storage_reader(folder))
     wrapper.load_state_dict(state, strict=False)
+
+
+def _is_quantized_into_wider(meta, live) -> bool:
+    """Whether ``meta`` stores a 1-byte float (float8) that ``live`` would silently widen."""
+    import torch
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    if not isinstance(meta, TensorStorageMetadata) or not isinstance(live, torch.Tensor):
+        return False
+    stored = meta.properties.dtype
+    return stored.is_floating_point and stored.itemsize == 1 and live.dtype != stored
 
 
 def hf_load_format(config: dict) -> str:

@@ -503,3 +503,43 @@ def test_converters_named_for_an_export_take_their_options_from_its_manifest():
     assert _converters(None, recorded).names == ["lora"]
     lora = _converters("lora", recorded, is_export=True)["lora"]
     assert (lora.config.rank, lora.config.alpha) == (4, 8.0)
+
+
+def test_a_recorded_converter_that_is_not_installed_names_the_converters_flag(tmp_path, capsys):
+    from ckpt_core import CheckpointConfig, CheckpointManager, Converters
+    from tests.core._export_converters import SidecarConverter
+
+    model = build_model(ARGS)
+    converters = Converters([SidecarConverter()])  # registered by hand: not discoverable
+    converters.convert(model)
+    config = CheckpointConfig(folder=str(tmp_path / "ckpt"), export={"enable": False})
+    manager = CheckpointManager(
+        config, model, converters=converters, sd_adapter=LlamaStateDictAdapter(ARGS)
+    )
+    manager.save(1, last_step=True)
+    manager.close()
+    assert _convert(tmp_path / "ckpt", tmp_path / "out", "--to", "hf") == 2
+    err = capsys.readouterr().err
+    assert "['sidecar'] is not installed" in err and "--converters none" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_dcp_source_holding_float8_codes_is_refused_instead_of_widened(tmp_path, capsys):
+    import json
+
+    import torch.distributed.checkpoint as dcp
+
+    model = build_model(ARGS)
+    state = dict(model.state_dict())
+    key = "layers.0.attention.wq.weight"
+    scale = state[key].abs().max() / 448
+    state[key] = (state[key] / scale).to(torch.float8_e4m3fn)  # what an fp8 export holds
+    state[key + "_scale"] = scale.reshape(1)
+    dcp.save({"model": state}, checkpoint_id=str(tmp_path / "raw"))
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(LlamaStateDictAdapter(ARGS).hf_config()))
+    assert _convert(tmp_path / "raw", tmp_path / "out", "--to", "hf", "--model", config) == 2
+    err = capsys.readouterr().err
+    assert "1 model tensors as torch.float8_e4m3fn" in err and key in err
+    assert "checkpoint.folder/step-N" in err
+    assert not (tmp_path / "out").exists()
