@@ -38,8 +38,9 @@ class Float8Config(ConverterConfig):
     emulate: Literal["auto"] | bool = Field(
         "auto",
         description=(
-            "Emulate float8 matmuls in fp32: true, false, or 'auto' (emulate when no CUDA GPU "
-            "with compute capability >= 8.9 is present)."
+            "Emulate float8 matmuls in fp32: true, false (torch._scaled_mm on a float8 GPU or "
+            "the CPU), or 'auto' (emulate when no CUDA GPU with compute capability >= 8.9 is "
+            "present)."
         ),
     )
     export: Literal["high_precision", "fp8"] = Field(

@@ -67,10 +67,19 @@ def resolve_emulate(option: str | bool) -> bool:
         )
         return True
     if option is False and not float8_gpu_present():
-        raise ConfigError(
-            "Converter 'float8' option 'emulate': false needs a CUDA GPU with compute "
-            f"capability >= {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} and none is visible. "
-            "Set emulate = 'auto' (or true) to emulate float8 matmuls in fp32."
+        import torch
+
+        if torch.cuda.is_available():
+            cap = ".".join(map(str, torch.cuda.get_device_capability()))
+            raise ConfigError(
+                "Converter 'float8' option 'emulate': false needs a CUDA GPU with compute "
+                f"capability >= {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}; the visible GPU has "
+                f"{cap}, so its float8 matmuls would fail at the first forward. Set "
+                "emulate = 'auto' (or true) to emulate float8 matmuls in fp32."
+            )
+        logger.info(
+            "float8: emulate=false and no CUDA GPU: float8 matmuls run through "
+            "torch._scaled_mm on the CPU"
         )
     return bool(option)
 
