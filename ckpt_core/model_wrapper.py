@@ -72,7 +72,9 @@ def _unwrap_plain(t: torch.Tensor) -> torch.Tensor:
         if inner.shape != t.shape:
             return t
         t, seen = inner, seen + 1
-    return t
+    # The inner tensor of a parameter wrapper is the live parameter's data (with
+    # requires_grad); views hand out detached tensors, as a plain module's state_dict does.
+    return t.detach() if seen else t
 
 
 def tensor_shape(value: Any) -> tuple[int, ...] | None:

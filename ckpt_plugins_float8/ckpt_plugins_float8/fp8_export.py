@@ -17,16 +17,14 @@ every high-precision linear (``lm_head`` and the skipped ones) in ``ignore``.
 
 from __future__ import annotations
 
-import copy
-import logging
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from ckpt_core.adapter import StateDictAdapter
-
-logger = logging.getLogger(__name__)
+from ckpt_core.errors import PluginError
+from ckpt_core.quantization_config import add_quantization_config
 
 FP8_DTYPE = torch.float8_e4m3fn
 SCALE_SUFFIX = "_scale"
@@ -70,13 +68,20 @@ def fp8_state_dict(
 ) -> dict[str, Any]:
     """A new state dict whose ``<module>.weight`` entries are fp8, each with a ``weight_scale``.
 
-    Keys keep their order; the scale follows its weight. Modules absent from
-    ``state_dict`` are skipped (logged at debug level).
+    Keys keep their order; the scale follows its weight. A module whose weight is
+    absent from ``state_dict`` is a :class:`PluginError`: exporting it high precision
+    under an fp8 ``quantization_config`` would be read wrongly.
     """
     wanted = {f"{m}.weight" for m in modules}
     missing = sorted(wanted.difference(state_dict))
     if missing:
-        logger.debug("float8 fp8 export: weights not in this state dict: %s", missing)
+        raise PluginError(
+            f"Converter 'float8' option 'export': 'fp8' quantizes the linears 'convert' "
+            f"swapped, and {len(missing)} of their weights are not in the export state dict "
+            f"(e.g. {missing[:3]}; it has e.g. {list(state_dict)[:3]}). Call "
+            "converters.convert(model) on the whole model part that is checkpointed, not on "
+            "its submodules, so the recorded names match the state-dict keys."
+        )
     out: dict[str, Any] = {}
     for key, value in state_dict.items():
         if key not in wanted:
@@ -175,10 +180,10 @@ class Float8ExportAdapter(StateDictAdapter):
         return names
 
     def update_hf_config(self, config: dict[str, Any]) -> dict[str, Any]:
-        """``config`` plus the compressed-tensors ``quantization_config``."""
-        out = copy.deepcopy(config)
-        out["quantization_config"] = quantization_config(self.recipe, self.ignore_list())
-        return out
+        """``config`` plus the compressed-tensors ``quantization_config`` (merged, if present)."""
+        qc = quantization_config(self.recipe, self.ignore_list())
+        quantized = [self.hf_module_name(fqn) for fqn in self.fp8_linears]
+        return add_quantization_config(config, qc, quantized, owner="float8")
 
     def describe(self) -> dict[str, Any]:
         """Recipe and high-precision linears, for manifests."""

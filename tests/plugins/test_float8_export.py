@@ -130,6 +130,18 @@ def test_fp8_export_without_convert_is_a_plugin_error_naming_the_fix():
         ModelWrapper(build_model("tiny"), convs).state_dict("export")
 
 
+def test_fp8_export_of_weights_converted_under_other_names_is_a_plugin_error():
+    from ckpt_core.errors import PluginError
+
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    convs = Converters([Float8Converter(Float8Converter.Config(export="fp8", emulate=True))])
+    for block in model.layers.values():  # names recorded relative to each block
+        convs.convert(block)
+    with pytest.raises(PluginError, match=r"7 of their weights.*'attention\.wq\.weight'"):
+        ModelWrapper(model, convs).state_dict("export")
+
+
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
 def test_quantization_config_is_valid_compressed_tensors(recipe):
     from compressed_tensors.quantization import QuantizationConfig

@@ -199,8 +199,10 @@ def test_fp8_export_of_sharded_weights_equals_the_export_of_the_gathered_ones(fs
 def test_unwrap_returns_the_plain_tensor_inside_the_all_gather_weight():
     inner = torch.randn(32, 16)
     wrapped = WeightWithDynamicFloat8CastTensor(inner, LinearMMConfig(), torch.float8_e4m3fn)
+    inner.requires_grad_(True)  # as the live parameter's data is
     out = unwrap_tensor(wrapped)
-    assert type(out) is torch.Tensor and out is inner
+    assert type(out) is torch.Tensor and not out.requires_grad
+    assert out.untyped_storage().data_ptr() == inner.untyped_storage().data_ptr()
     # What module.state_dict() hands the views: detach() keeps only the plain tensor.
     wrapped._precomputed_scale = torch.tensor(2.0)
     detached = unwrap_tensor(wrapped.detach())
