@@ -70,6 +70,11 @@ def is_castable(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point and dtype.itemsize >= 2
 
 
+def is_float8(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` is a 1-byte float: quantized values that mean nothing without a scale."""
+    return dtype.is_floating_point and dtype.itemsize == 1
+
+
 def cast_dtype(dtype: torch.dtype, target: torch.dtype | None) -> torch.dtype:
     """The dtype a tensor of ``dtype`` is exported in when the export dtype is ``target``."""
     if target is None or not is_castable(dtype):

@@ -340,10 +340,12 @@ def _is_quantized_into_wider(meta, live) -> bool:
     import torch
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    from ckpt_core.transforms import is_float8
+
     if not isinstance(meta, TensorStorageMetadata) or not isinstance(live, torch.Tensor):
         return False
     stored = meta.properties.dtype
-    return stored.is_floating_point and stored.itemsize == 1 and live.dtype != stored
+    return is_float8(stored) and live.dtype != stored
 
 
 def hf_load_format(config: dict) -> str:

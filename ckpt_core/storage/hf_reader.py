@@ -28,6 +28,7 @@ import torch
 
 from ckpt_core.errors import CheckpointError
 from ckpt_core.storage import layout
+from ckpt_core.transforms import is_float8
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ def read_into(
                 value = _read_region(handle, name, shape, offset)
                 if quantized and value.dtype == torch.float8_e4m3fn:
                     value = _dequantize(name, value, offset, files, scale_handles)
-                elif _is_float8(value.dtype) and local.dtype != value.dtype:
+                elif is_float8(value.dtype) and local.dtype != value.dtype:
                     raise CheckpointError(
                         f"{name!r} in {file} is stored as {value.dtype} (a quantized checkpoint, "
                         "e.g. an fp8 export); format 'hf' would load its raw float8 values "
@@ -222,10 +223,6 @@ def _dequantize(
         raise CheckpointError(f"{name!r}: block-quantized weights must be 2-D, got {value.dim()}.")
     scale = _read_scale(scale_name, files, handles)
     return dequantize_region(value, scale, (offset[0], offset[1]))
-
-
-def _is_float8(dtype: torch.dtype) -> bool:
-    return dtype.is_floating_point and dtype.itemsize == 1
 
 
 def _dequantize_per_channel(
