@@ -67,14 +67,9 @@ def merge_quantization_configs(
     # Every linear of the model: what this converter quantized plus what it ignored.
     linears = set(mine) | set(qc.get("ignore", []))
     old_ignore = list(existing.get("ignore", []))
-    theirs = [n for n in sorted(linears) if n not in set(old_ignore)]
+    theirs = sorted(linears.difference(old_ignore))
 
-    groups: list[dict[str, Any]] = []
-    for group in existing.get("config_groups", {}).values():
-        group = copy.deepcopy(group)
-        if group.get("targets") == [LINEAR]:
-            group["targets"] = theirs
-        groups.append(group)
+    groups = _explicit_groups(existing, theirs)
     claimed = {t for g in groups for t in g.get("targets", [])}
     both = sorted(claimed.intersection(mine))
     if both:
@@ -84,16 +79,9 @@ def merge_quantization_configs(
             "in the export; a linear can carry one quantization scheme. Keep each linear in "
             "one converter's targets (e.g. float8 filter_fqns, qat targets)."
         )
-    for group in qc.get("config_groups", {}).values():
-        group = copy.deepcopy(group)
-        if group.get("targets") == [LINEAR]:
-            group["targets"] = list(mine)
-        groups.append(group)
-    groups = [g for g in groups if g.get("targets")]
+    groups = [g for g in groups + _explicit_groups(qc, mine) if g.get("targets")]
 
-    formats = {g.get("format") or existing.get("format") for g in groups}
-    for group in groups:
-        group.setdefault("format", existing.get("format"))
+    formats = {g["format"] for g in groups}
     new_ignore = set(qc.get("ignore", []))
     merged = copy.deepcopy(existing)
     merged["config_groups"] = {f"group_{i}": g for i, g in enumerate(groups)}
@@ -102,3 +90,16 @@ def merge_quantization_configs(
     if merged.get("kv_cache_scheme") is None:
         merged["kv_cache_scheme"] = qc.get("kv_cache_scheme")
     return merged
+
+
+def _explicit_groups(config: dict[str, Any], modules: list[str]) -> list[dict[str, Any]]:
+    """Copies of ``config``'s groups: a ``Linear`` target becomes ``modules``, and each
+    group states its format (``config``'s own when the group has none)."""
+    groups = []
+    for group in config.get("config_groups", {}).values():
+        group = copy.deepcopy(group)
+        if group.get("targets") == [LINEAR]:
+            group["targets"] = list(modules)
+        group["format"] = group.get("format") or config.get("format")
+        groups.append(group)
+    return groups
