@@ -50,10 +50,10 @@ class QATStateDictAdapter(StateDictAdapter):
         unquantized_linears: returns the native module names of the model's
             linears that were not quantized (they go to ``ignore`` under their
             HF names); called when ``config.json`` is written.
-        model_adapter: the model's adapter, used to name modules the HF way.
         quantized_linears: returns the native module names of the linears that
             were quantized; needed to merge with another quantizing converter's
             ``quantization_config`` (e.g. float8's fp8 export on other linears).
+        model_adapter: the model's adapter, used to name modules the HF way.
     """
 
     subfolder = None
@@ -63,8 +63,8 @@ class QATStateDictAdapter(StateDictAdapter):
         scheme: Scheme,
         group_size: int,
         unquantized_linears: Callable[[], Iterable[str]],
+        quantized_linears: Callable[[], Iterable[str]],
         model_adapter: StateDictAdapter | None = None,
-        quantized_linears: Callable[[], Iterable[str]] = lambda: (),
     ) -> None:
         self.scheme = scheme
         self.group_size = group_size

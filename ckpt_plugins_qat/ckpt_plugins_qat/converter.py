@@ -141,6 +141,6 @@ class QATConverter(Converter):
             self.scheme,
             self.config.group_size,
             unquantized_linears=lambda: list(self.unprepared),
-            model_adapter=model_adapter,
             quantized_linears=lambda: list(self.prepared),
+            model_adapter=model_adapter,
         )
