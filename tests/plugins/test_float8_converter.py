@@ -232,19 +232,18 @@ def run(folder, converters, steps: range, data, seed: int = 0, save: bool = True
         if save:
             manager.save(step, last_step=step == steps[-1])
     manager.close()
-    run.last_optimizer = opt
-    return model, losses, resumed
+    return model, opt, losses, resumed
 
 
 @pytest.mark.parametrize("direction", ["float8_to_plain", "plain_to_float8"])
 def test_checkpoint_resumes_with_float8_switched(direction, tmp_path):
     data = batches(2) * 4
     first, second = (float8(), None) if direction == "float8_to_plain" else (None, float8())
-    src, _, _ = run(tmp_path, first, range(1, 4), data)
+    src, src_opt, _, _ = run(tmp_path, first, range(1, 4), data)
     saved = {k: v.clone() for k, v in ModelWrapper(src).state_dict("full").items()}
-    saved_opt = copy.deepcopy(run.last_optimizer.state_dict())
+    saved_opt = copy.deepcopy(src_opt.state_dict())
 
-    dst, losses, resumed = run(tmp_path, second, range(4, 9), data, seed=123, save=False)
+    dst, _, losses, resumed = run(tmp_path, second, range(4, 9), data, seed=123, save=False)
     assert resumed
     # The uninterrupted reference: the live weights and AdamW moments of step 3, carried
     # in memory into a model of the new kind. Steps 5.. use the moments, so a resume that
@@ -263,9 +262,9 @@ def test_checkpoint_resumes_with_float8_switched(direction, tmp_path):
 
 def test_float8_save_and_resume_continue_bit_exactly(tmp_path):
     data = batches(6)
-    _, expected, _ = run(tmp_path / "straight", float8(), range(1, 7), data, save=False)
+    _, _, expected, _ = run(tmp_path / "straight", float8(), range(1, 7), data, save=False)
     run(tmp_path / "split", float8(), range(1, 4), data)
-    _, resumed_losses, resumed = run(
+    _, _, resumed_losses, resumed = run(
         tmp_path / "split", float8(), range(4, 7), data, seed=7, save=False
     )
     assert resumed
