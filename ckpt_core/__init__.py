@@ -7,7 +7,13 @@ from typing import TYPE_CHECKING, Any
 from ckpt_core.adapter import StateDictAdapter
 from ckpt_core.config import CheckpointConfig, ConvertersConfig
 from ckpt_core.converter import Converter, ConverterConfig
-from ckpt_core.errors import CheckpointError, CkptError, ConfigError, PluginError
+from ckpt_core.errors import (
+    CheckpointError,
+    CkptError,
+    ConfigError,
+    DamagedCheckpointError,
+    PluginError,
+)
 from ckpt_core.hookspecs import hookimpl, hookspec
 from ckpt_core.model_wrapper import ModelWrapper
 from ckpt_core.plugins import Converters
@@ -43,6 +49,7 @@ __all__ = [
     "ConverterConfig",
     "Converters",
     "ConvertersConfig",
+    "DamagedCheckpointError",
     "ModelWrapper",
     "PluginError",
     "StateDictAdapter",

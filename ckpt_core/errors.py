@@ -1,10 +1,18 @@
-"""Exceptions raised by ckpt; each message names the value, the field and the fix."""
+"""Exceptions raised by ckpt; each message names the value, the field and the fix.
+
+Each class carries the exit code ``ckpt`` returns for it: 2 for bad input (a
+wrong path, option or config, a checkpoint that does not fit the model), 1 for
+damaged data (a file whose bytes are truncated, malformed or hostile).
+"""
 
 from __future__ import annotations
 
 
 class CkptError(Exception):
     """Base class of every error ckpt raises on purpose."""
+
+    #: Exit status of the ``ckpt`` command line for this error.
+    exit_code = 2
 
 
 class ConfigError(CkptError, ValueError):
@@ -16,4 +24,11 @@ class PluginError(CkptError):
 
 
 class CheckpointError(CkptError):
-    """A checkpoint is missing, damaged or does not match the model."""
+    """A checkpoint is missing or does not match the model (the user's input is wrong)."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint's or HF folder's files are damaged or hostile: truncated, malformed,
+    out of bounds, pointing outside their folder, or failing their checksums."""
+
+    exit_code = 1
