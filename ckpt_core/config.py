@@ -7,6 +7,7 @@ which plugins are installed).
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -87,6 +88,16 @@ class CheckpointConfig(_Strict):
     folder: str = Field("checkpoints", description="Checkpoints go to <folder>/step-<N>/.")
     interval: int = Field(50, ge=1, description="Save every N steps.")
     keep_latest_k: int = Field(0, ge=0, description="Keep the newest k steps; 0 keeps all.")
+    keep_every_n_steps: int = Field(
+        0, ge=0, description="With keep_latest_k: also keep every step divisible by N; 0: off."
+    )
+    keep_steps: list[int] = Field(
+        default_factory=list, description="With keep_latest_k: steps never deleted, e.g. [1000]."
+    )
+    preemption_signal: list[str] = Field(
+        default_factory=lambda: ["SIGTERM"],
+        description="Signals install_preemption_handler() turns into a save-and-stop; 'none': off.",
+    )
     async_mode: Literal["disabled", "async", "async_with_pinned_mem"] = Field(
         "disabled", description="'disabled', 'async' or 'async_with_pinned_mem'."
     )
@@ -96,6 +107,24 @@ class CheckpointConfig(_Strict):
     )
     enable_first_step_checkpoint: bool = Field(False, description="Also save at step 1.")
     load_only: bool = Field(False, description="Load at start but never save.")
+    preflight: Literal["error", "warn", "off"] = Field(
+        "error",
+        description="Before step 1, less free space than one checkpoint (+ export) is an "
+        "'error', a 'warn'ing, or not checked ('off'). Unwritable folders always fail.",
+    )
+    on_save_error: Literal["stop", "retry"] = Field(
+        "stop",
+        description="A save failing on the storage mid-run (disk full, read-only): 'stop' the "
+        "run, or log it and 'retry' at the next interval (the last step's always stops).",
+    )
+    sign_key: str | None = Field(
+        default_factory=lambda: os.environ.get("CKPT_SIGN_KEY") or None,
+        description="Private ed25519 PEM: sign every saved step and export (env CKPT_SIGN_KEY).",
+    )
+    verify_key: str | None = Field(
+        default_factory=lambda: os.environ.get("CKPT_VERIFY_KEY") or None,
+        description="Public ed25519 PEM: load only folders it signed (env CKPT_VERIFY_KEY).",
+    )
     initial_load: InitialLoadConfig = Field(default_factory=InitialLoadConfig)
     additional_load: list[AdditionalLoadConfig] = Field(default_factory=list)
     export: ExportConfig = Field(default_factory=ExportConfig)
@@ -109,6 +138,20 @@ class CheckpointConfig(_Strict):
                 "while the previous step is deleted. Use 0 (keep all) or 2 or more."
             )
         return value
+
+    @field_validator("keep_steps", mode="before")
+    @classmethod
+    def _split_steps(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("preemption_signal", mode="before")
+    @classmethod
+    def _parse_signals(cls, value: Any) -> Any:
+        from ckpt_core.preemption import parse_signals, signal_names
+
+        return signal_names(parse_signals(value))
 
     @field_validator("exclude_from_loading", mode="before")
     @classmethod

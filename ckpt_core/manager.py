@@ -26,19 +26,22 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from ckpt_core import owned_only
+from ckpt_core import owned_only, preflight, save_errors
 from ckpt_core.adapter import StateDictAdapter
 from ckpt_core.async_save import AsyncCheckpointer
 from ckpt_core.config import CORE_STATES, CheckpointConfig
-from ckpt_core.errors import CheckpointError, ConfigError
+from ckpt_core.errors import CheckpointError, ConfigError, SaveError
 from ckpt_core.model_wrapper import ModelWrapper
 from ckpt_core.plugins import Converters
+from ckpt_core.preemption import PreemptionHandler, parse_signals, pause_before_commit
+from ckpt_core.rank_zero import on_rank_zero
 from ckpt_core.states import LRSchedulersContainer, ModelState, OptimizersContainer, as_stateful
-from ckpt_core.storage import layout, manifest
+from ckpt_core.storage import layout, manifest, signing
 from ckpt_core.storage.dcp_io import storage_writer, written_checksums
 from ckpt_core.storage.purge import Purger
 from ckpt_core.train_state import TrainState
@@ -107,9 +110,23 @@ class CheckpointManager:
             if self.enabled and config.async_mode != "disabled" and not config.load_only
             else None
         )
-        self._purger = Purger(config.folder, config.keep_latest_k)
+        self._purger = Purger(
+            config.folder,
+            config.keep_latest_k,
+            keep_every_n_steps=config.keep_every_n_steps,
+            keep_steps=config.keep_steps,
+        )
+        self._preemption: PreemptionHandler | None = None
+        self._preemption_group: Any = None
+        signs = self.enabled and config.sign_key and not config.load_only
+        self._sign_key = signing.load_private_key(config.sign_key) if signs else None
+        if self.enabled and config.verify_key:  # a bad key fails now, not at the first resume
+            signing.load_public_key(config.verify_key)
         self._loaded_step: int | None = None
         self._closed = False
+        self._locks: list[Any] | None = None  # storage.lock.FolderLock, held on rank 0
+        self._also: dict[str, str] = {}
+        self._preflight_done = False
 
     def _check_export(self) -> bool:
         export = self.config.export
@@ -125,6 +142,59 @@ class CheckpointManager:
             logger.info("No sd_adapter given: the default HF export is off for this run.")
             return False
         return True
+
+    # -- one writer and pre-flight (ckpt_core.storage.lock, ckpt_core.preflight) ----
+
+    def _written_folders(self) -> list[tuple[str, str]]:
+        """``(what, folder)`` for every folder this run writes (rank 0 writes them)."""
+        folders = []
+        if self.enabled and not self.config.load_only:
+            folders.append(("checkpoint.folder", self.config.folder))
+            if self.export_enabled:
+                folders.append(("checkpoint.export.folder", self.config.export.folder))
+        return folders + list(self._also.items())
+
+    def acquire(self, also: Mapping[str, str] | None = None) -> None:
+        """Lock the folders this run writes, so that a second run on them fails at start.
+
+        The checkpoint folder and, when exports are on, the export folder, plus
+        ``also`` (``{what: folder}``, e.g. the trainer's metrics folder). A folder
+        another process holds raises :class:`~ckpt_core.errors.FolderLockedError`
+        naming the holder, on every rank. Collective; call it before step 1 (the
+        first save does otherwise). Released by :meth:`close` and at process exit.
+        """
+        if self._locks is not None:
+            return
+        self._also = dict(also or {})
+        from ckpt_core.storage import lock
+
+        folders = self._written_folders()
+        held = on_rank_zero(lambda: lock.acquire_all(folders), self.rank, self.process_group)
+        self._locks = held or []
+
+    def preflight(self) -> None:
+        """Before step 1: create and probe every folder :meth:`acquire` names, and compare
+        free space with one checkpoint (+ export), per ``checkpoint.preflight``.
+
+        Raises :class:`~ckpt_core.errors.PreflightError` on every rank. Collective;
+        runs once (the first save runs it otherwise).
+        """
+        if self._preflight_done:
+            return
+        self._preflight_done = True
+        needs: dict[str, int] = {}
+        if self.config.preflight != "off" and self.enabled and not self.config.load_only:
+            opt = self.states.get("optimizer")
+            ckpt, export = preflight.planned_bytes(
+                self.states["model"].state_dict(),
+                opt.optimizers if opt is not None else [],
+                rank=self.rank,
+                group=self.process_group,
+                export_dtype=self.config.export.dtype if self.export_enabled else None,
+            )
+            needs = {"checkpoint.folder": ckpt, "checkpoint.export.folder": export}
+        folders, mode = self._written_folders(), self.config.preflight
+        on_rank_zero(lambda: preflight.check(folders, needs, mode), self.rank, self.process_group)
 
     # -- saving -----------------------------------------------------------------
 
@@ -147,14 +217,71 @@ class CheckpointManager:
         """Save (and export) ``step`` if the config says so; returns whether it saved.
 
         Collective: every rank calls it with the same arguments. The last step is
-        saved synchronously; other steps follow ``checkpoint.async_mode``.
+        saved synchronously; other steps follow ``checkpoint.async_mode``. A save
+        failing on the storage raises :class:`~ckpt_core.errors.SaveError` or is
+        retried at the next interval (``checkpoint.on_save_error``).
         """
         saved = False
+        policy = self.config.on_save_error
         if self.should_save(step, last_step):
-            saved = self._do_save(step, sync=last_step or self._async is None)
+            try:
+                saved = self._do_save(step, sync=last_step or self._async is None)
+            except SaveError as exc:
+                save_errors.handle(exc, policy, final=last_step)
         if self.should_export(step, last_step):
-            self._do_export(step)
+            try:
+                self._do_export(step)
+            except SaveError as exc:
+                save_errors.handle(exc, policy, final=last_step)
         return saved
+
+    # -- preemption (see ckpt_core.preemption) ----------------------------------
+
+    def install_preemption_handler(self, signals: Any = None) -> PreemptionHandler | None:
+        """Catch ``signals`` (default: ``checkpoint.preemption_signal``) as a preemption
+        notice; None when that is ``'none'``.
+
+        Collective (a gloo group of its own carries the flag, apart from async saves);
+        main thread only. Then call :meth:`preemption_requested` once per step and
+        :meth:`save_now` when it says so.
+        """
+        sigs = parse_signals(self.config.preemption_signal if signals is None else signals)
+        if not sigs:
+            return None
+        if self._preemption is None:
+            if _dist_on() and self.world_size > 1:
+                self._preemption_group = dist.new_group(backend="gloo")
+            self._preemption = PreemptionHandler(sigs)
+        self._preemption.install()
+        return self._preemption
+
+    def preemption_requested(self) -> bool:
+        """Whether any rank got a preemption signal; every rank gets the same answer.
+
+        Collective when several ranks run (one all-reduce of one integer).
+        """
+        handler = self._preemption
+        if handler is None:
+            return False
+        if self._preemption_group is None:
+            return handler.requested
+        flag = torch.tensor([int(handler.requested)], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._preemption_group)
+        return bool(flag.item())
+
+    def save_now(self, step: int) -> bool:
+        """Save ``step`` synchronously after any async save in flight; True when ``step``
+        is committed afterwards (saved now or before). No export: it is the resumable
+        checkpoint a preempted run needs. Collective.
+        """
+        if not self.enabled or self.config.load_only:
+            return False
+        self._wait_for_previous()
+        if not layout.exists(layout.step_dir(self.config.folder, step)):
+            self._do_save(step, sync=True)
+        if self._preemption is not None:
+            self._preemption.saved()
+        return True
 
     def _do_save(self, step: int, *, sync: bool) -> bool:
         """Write ``step`` now (sync) or stage it and write in the background.
@@ -167,7 +294,9 @@ class CheckpointManager:
                 f"CheckpointManager: save of step {step} after close(); close() drains and "
                 "stops the background writer. Save before closing, or build a new manager."
             )
-        self._wait_for_previous()
+        self._drain_previous()
+        self.acquire()
+        self.preflight()
         folder = self.config.folder
         final = layout.step_dir(folder, step)
         if layout.exists(final):
@@ -175,11 +304,7 @@ class CheckpointManager:
             return False
         self.train_state.step = step
         tmp = layout.tmp_step_dir(folder, step)
-        if self.rank == 0:
-            layout.makedirs(folder)
-            layout.remove_tree(tmp)  # a crashed earlier attempt at this step
-            layout.makedirs(tmp)
-        self._barrier()
+        on_rank_zero(lambda: self._prepare_tmp(tmp, step), self.rank, self.process_group)
         state = {name: obj.state_dict() for name, obj in self.states.items()}
         # Everything that reads the live model happens here, on the caller's thread:
         # the background thread sees only staged copies (FSDP2 state-dict hooks are not
@@ -197,6 +322,36 @@ class CheckpointManager:
             )
             logger.info("Staged checkpoint step %d; writing %s in the background", step, final)
         return True
+
+    def _prepare_tmp(self, tmp: str, step: int) -> None:
+        """Rank 0: check the lock is still ours, then an empty ``tmp`` (a crashed earlier
+        attempt at this step is removed; a symbolic link there is refused)."""
+        for held in self._locks or []:
+            held.check()
+        try:
+            layout.makedirs(self.config.folder)
+            layout.remove_tree(tmp)
+            layout.makedirs(tmp)
+        except OSError as exc:
+            self._save_failed(exc, step, tmp)
+
+    def _save_failed(self, exc: BaseException, step: int, tmp: str) -> None:
+        """Raise a storage failure as one-line :class:`SaveError` after removing ``tmp``
+        (rank 0, best effort); re-raise anything else unchanged."""
+        error = save_errors.as_save_error(exc, f"saving step {step} to {tmp}", self.config.folder)
+        if error is None:
+            raise exc
+        if self.rank == 0:
+            save_errors.cleanup(tmp)
+        raise error from exc
+
+    def _drain_previous(self) -> None:
+        """Wait for the previous async save; its storage failure follows
+        ``checkpoint.on_save_error`` (raised, or logged and the next save goes on)."""
+        try:
+            self._wait_for_previous()
+        except SaveError as exc:
+            save_errors.handle(exc, self.config.on_save_error, final=False)
 
     def _deferrable_paths(self, state: dict[str, Any]) -> set[tuple[str, str]]:
         """Entries only ``optimizer.step()`` changes: model parameters and optimizer state.
@@ -220,32 +375,48 @@ class CheckpointManager:
         folder = self.config.folder
         tmp, final = layout.tmp_step_dir(folder, step), layout.step_dir(folder, step)
         writer = storage_writer(tmp)
-        dcp.save(
-            state,
-            storage_writer=writer,
-            process_group=self.process_group,
-            no_dist=self.process_group is None,
-        )
+        try:
+            dcp.save(
+                state,
+                storage_writer=writer,
+                process_group=self.process_group,
+                no_dist=self.process_group is None,
+            )
+        except BaseException as exc:  # DCP's CheckpointException is a BaseException
+            self._save_failed(exc, step, tmp)
         records = written_checksums(writer)
         if self.world_size > 1:
             gathered: list[Any] = [None] * self.world_size
             dist.all_gather_object(gathered, records, group=self.process_group)
             records = {k: v for part in gathered for k, v in part.items()}
-        if self.rank == 0:
+        pause_before_commit()  # CKPT_TEST_SAVE_DELAY_S: tests of signals during a save
+        on_rank_zero(
+            lambda: self._commit(tmp, final, step, records, mesh), self.rank, self.process_group
+        )
+        if self.rank == 0 and self.config.keep_latest_k > 0:
+            protected = [] if self._loaded_step is None else [self._loaded_step]
+            self._purger.start(protected=protected, in_flight=[step])
+
+    def _commit(self, tmp: str, final: str, step: int, records: dict[str, Any], mesh: Any) -> None:
+        """Rank 0: write the manifest and rename ``tmp`` to ``final`` (a storage failure
+        is a :class:`SaveError`, ``tmp`` removed)."""
+        try:
             files = manifest.file_entries(tmp, records)
-            if layout.is_uri(folder):
+            if layout.is_uri(self.config.folder):
                 # An object store "renames" file by file: a crash midway would leave a
                 # step-<N> with a manifest but missing data. The manifest goes last instead,
                 # so a partly moved step has none and discovery passes over it.
                 layout.commit(tmp, final)
                 manifest.write(final, self._manifest(step, files, mesh))
+                if self._sign_key is not None:
+                    signing.sign_folder(final, self._sign_key)
             else:
                 manifest.write(tmp, self._manifest(step, files, mesh))
+                if self._sign_key is not None:  # signed before the commit: never unsigned
+                    signing.sign_folder(tmp, self._sign_key)
                 layout.commit(tmp, final)
-        self._barrier()
-        if self.rank == 0 and self.config.keep_latest_k > 0:
-            protected = [] if self._loaded_step is None else [self._loaded_step]
-            self._purger.start(protected=protected, in_flight=[step])
+        except OSError as exc:
+            self._save_failed(exc, step, tmp)
 
     def _manifest(self, step: int, files: dict[str, Any], mesh: Any = None) -> dict[str, Any]:
         data = manifest.build(
@@ -276,20 +447,35 @@ class CheckpointManager:
     def _do_export(self, step: int) -> None:
         from ckpt_core.exporter import write_export
 
+        self.acquire()
+        self.preflight()
         export = self.config.export
         final = layout.step_dir(export.folder, step)
         if layout.exists(final):
             logger.warning("%s already exists; not exporting step %d again.", final, step)
             return
-        write_export(
-            self.wrapper,
-            final,
-            fmt=export.format,
-            dtype=export.dtype,
-            sd_adapter=self.sd_adapter,
-            converters=self.converters,
-            step=step,
-        )
+        try:
+            write_export(
+                self.wrapper,
+                final,
+                fmt=export.format,
+                dtype=export.dtype,
+                sd_adapter=self.sd_adapter,
+                converters=self.converters,
+                step=step,
+                sign_key=self._sign_key,
+            )
+        except BaseException as exc:  # DCP's CheckpointException is a BaseException
+            from ckpt_core.exporter import tmp_path_for
+
+            error = save_errors.as_save_error(
+                exc, f"exporting step {step} to {final}", export.folder
+            )
+            if error is None:
+                raise
+            if self.rank == 0:
+                save_errors.cleanup(tmp_path_for(final))
+            raise error from exc
         logger.info("Exported step %d to %s", step, final)
 
     def maybe_wait_for_staging(self) -> None:
@@ -312,11 +498,15 @@ class CheckpointManager:
         Closing twice is harmless; saving after close is an error.
         """
         self._closed = True
+        if self._preemption is not None and not self._preemption.requested:
+            self._preemption.uninstall()  # a preempted process keeps it until it exits
         try:
             if self._async is not None:
                 self._async.close()
         finally:
             self._purger.join()
+            for held in self._locks or []:
+                held.release()
 
     # -- loading ----------------------------------------------------------------
 

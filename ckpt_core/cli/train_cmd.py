@@ -63,7 +63,14 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         argv = list(extra)
         if args.config is not None:
             argv = ["--config", args.config, *argv]
-        return relaunch(args.nproc, argv, verbose=bool(getattr(args, "verbose", False)))
+        from ckpt_core.preemption import parse_signals
+
+        return relaunch(
+            args.nproc,
+            argv,
+            verbose=bool(getattr(args, "verbose", False)),
+            forward=parse_signals(cfg.checkpoint.preemption_signal),
+        )
 
     from ckpt_core.trainer.launch import init_distributed, shutdown_distributed
     from ckpt_core.trainer.loop import train
@@ -72,13 +79,17 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         logging.getLogger().setLevel(logging.WARNING)  # rank 0 speaks for the run
     try:
         dist_info = init_distributed(cfg.job.device)
-        train(cfg, dist_info)
+        summary = train(cfg, dist_info)
     except CkptError as exc:
         if env_rank() != 0:
             # Every rank hits the same config/checkpoint error: rank 0 reports it.
             logger.debug("rank %d: %s", env_rank(), exc)
-            return 2
+            return exc.exit_code
         raise
     finally:
         shutdown_distributed()
+    if summary.get("preempted") is not None:
+        from ckpt_core.preemption import PREEMPTED_EXIT
+
+        return PREEMPTED_EXIT  # the step is saved: the same command resumes after it
     return 0

@@ -1,13 +1,22 @@
-"""Retention: keep the newest ``k`` intact steps, delete older ones in the background.
+"""Retention: which committed steps to keep, and deleting the rest in the background.
 
 Rules (each one a lesson from a lost checkpoint):
 
 * Purge runs only *after* a new step is committed, on one rank, in a thread.
-* "Intact" means committed with a manifest whose files are all present with
-  the listed sizes; damaged or manifest-less steps never count toward ``k``,
-  so a crash can never make purge delete the last good step.
-* The newest committed step and any ``protected`` step (the one being loaded)
-  are never deleted.
+  ``keep_latest_k = 0`` keeps everything; the other rules add steps to keep.
+* Kept: the newest ``k`` **intact** steps (committed, a manifest whose files all
+  have their listed sizes) — damaged or manifest-less steps never count toward
+  ``k``, so a crash can never make purge delete the last good step; every step
+  divisible by ``keep_every_n_steps``; the steps in ``keep_steps``; the steps
+  pinned in ``pins.json`` (``ckpt pin``); the newest committed step; and any
+  ``protected`` step (the one this run loaded).
+* Only steps older than the oldest of the newest ``k`` intact ones may go: a
+  damaged step newer than that is left for a human to look at.
+* A step someone reads (a shared lock on ``.readers/step-<N>``, see
+  :mod:`ckpt_core.storage.pins`) is skipped and retried at the next purge.
+* A step is first renamed to ``.deleting-step-<N>`` (local) or loses its manifest
+  first (object stores), so a delete cut short never leaves a step that looks
+  committed; leftovers of either kind are removed by the next purge.
 * A failed delete is logged and retried at the next purge; it never raises.
 * Leftover ``.tmp-step-<N>`` folders from a crash are removed when they are
   older than the newest committed step and not in flight (``in_flight``): a
@@ -17,15 +26,18 @@ Rules (each one a lesson from a lost checkpoint):
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
-from ckpt_core.storage import layout, manifest
+from ckpt_core.storage import layout, manifest, pins
 
 logger = logging.getLogger(__name__)
 
 _TMP_RE = re.compile(r"^\.tmp-step-(\d+)$")
+DELETING_PREFIX = ".deleting-step-"
+_DELETING_RE = re.compile(r"^\.deleting-step-(\d+)$")
 
 
 def intact_steps(folder: str) -> list[int]:
@@ -34,33 +46,92 @@ def intact_steps(folder: str) -> list[int]:
     return [s for s in steps if not manifest.check_sizes(layout.step_dir(folder, s))]
 
 
+def select_deletions(
+    committed: Sequence[int],
+    intact: Sequence[int],
+    keep_latest_k: int,
+    *,
+    keep_every_n_steps: int = 0,
+    keep: Iterable[int] = (),
+) -> list[int]:
+    """The retention rules over plain lists (no I/O): committed steps to delete.
+
+    ``keep`` gathers every step kept by name: ``keep_steps``, pins, protected.
+    """
+    if keep_latest_k <= 0 or not committed:
+        return []
+    committed, intact = sorted(committed), sorted(intact)
+    latest = intact[-keep_latest_k:]
+    kept = set(latest) | {int(s) for s in keep} | {committed[-1]}
+    if keep_every_n_steps > 0:
+        kept |= {s for s in committed if s % keep_every_n_steps == 0}
+    cutoff = min(latest) if len(intact) >= keep_latest_k else -1
+    return [s for s in committed if s < cutoff and s not in kept]
+
+
 def plan_purge(
     folder: str,
     keep_latest_k: int,
     protected: Iterable[int] = (),
     in_flight: Iterable[int] = (),
+    *,
+    keep_every_n_steps: int = 0,
+    keep_steps: Iterable[int] = (),
 ) -> tuple[list[int], list[str]]:
-    """``(steps to delete, stale tmp folder names to delete)`` without deleting anything."""
-    if keep_latest_k <= 0:
-        steps: list[int] = []
-    else:
-        committed = layout.committed_steps(folder)
-        intact = intact_steps(folder)
-        keep = set(intact[-keep_latest_k:]) | set(protected)
-        if committed:
-            keep.add(committed[-1])
-        # Only steps older than the oldest kept intact step may go: a damaged step
-        # newer than that is left for a human to look at.
-        cutoff = min(intact[-keep_latest_k:]) if len(intact) >= keep_latest_k else -1
-        steps = [s for s in committed if s < cutoff and s not in keep]
+    """``(steps to delete, leftover folder names to delete)`` without deleting anything.
+
+    Reads the folder listing, the manifests' sizes and ``pins.json``; a malformed
+    ``pins.json`` raises (nothing is deleted until it is fixed).
+    """
+    steps: list[int] = []
+    committed = layout.committed_steps(folder)
+    if keep_latest_k > 0:
+        keep = {*protected, *keep_steps, *pins.read_pins(folder)}
+        steps = select_deletions(
+            committed,
+            intact_steps(folder),
+            keep_latest_k,
+            keep_every_n_steps=keep_every_n_steps,
+            keep=keep,
+        )
     flying = {int(s) for s in in_flight}
-    newest = max(layout.committed_steps(folder), default=-1)
-    tmps = []
+    newest = max(committed, default=-1)
+    leftovers = []
     for name in layout.listdir(folder):
         m = _TMP_RE.match(name)
         if m and int(m.group(1)) < newest and int(m.group(1)) not in flying:
-            tmps.append(name)
-    return steps, tmps
+            leftovers.append(name)
+        elif _DELETING_RE.match(name):
+            leftovers.append(name)
+    return steps, leftovers
+
+
+def delete_step(folder: str, step: int) -> bool:
+    """Delete committed ``step`` unless it is read or pinned now; True when deleted.
+
+    Raises on I/O errors (the caller logs and retries later).
+    """
+    with pins.deleting_step(folder, step) as free:
+        if not free:
+            logger.info("checkpoint purge: step %d is being read; keeping it for now", step)
+            return False
+        if step in pins.read_pins(folder):  # pinned since the plan was made
+            return False
+        path = layout.step_dir(folder, step)
+        if layout.is_uri(folder):
+            fs, inner = layout.filesystem(layout.join(path, manifest.MANIFEST_NAME))
+            if fs.exists(inner):
+                fs.rm(inner)  # no manifest: discovery passes over what is left
+            layout.remove_tree(path)
+        else:
+            trash = layout.join(folder, f"{DELETING_PREFIX}{step}")
+            if layout.exists(trash):
+                layout.remove_tree(trash)
+            os.rename(layout.filesystem(path)[1], layout.filesystem(trash)[1])
+            layout.fsync_dir(layout.filesystem(folder)[1])
+            layout.remove_tree(trash)
+        pins.remove_lock(folder, step)
+    return True
 
 
 def purge(
@@ -68,21 +139,39 @@ def purge(
     keep_latest_k: int,
     protected: Iterable[int] = (),
     in_flight: Iterable[int] = (),
+    *,
+    keep_every_n_steps: int = 0,
+    keep_steps: Iterable[int] = (),
 ) -> list[str]:
     """Delete what :func:`plan_purge` names; returns the paths deleted. Never raises."""
     try:
-        steps, tmps = plan_purge(folder, keep_latest_k, protected, in_flight)
-    except Exception:  # noqa: BLE001 - listing failed: try again next time
-        logger.warning("checkpoint purge: could not list %s", folder, exc_info=True)
+        steps, leftovers = plan_purge(
+            folder,
+            keep_latest_k,
+            protected,
+            in_flight,
+            keep_every_n_steps=keep_every_n_steps,
+            keep_steps=keep_steps,
+        )
+    except Exception as exc:  # noqa: BLE001 - listing failed: try again next time
+        logger.warning("checkpoint purge: nothing deleted in %s (%s)", folder, exc)
         return []
     deleted = []
-    paths = [layout.step_dir(folder, s) for s in steps] + [layout.join(folder, t) for t in tmps]
-    for path in paths:
+    for step in steps:
+        path = layout.step_dir(folder, step)
+        try:
+            if delete_step(folder, step):
+                deleted.append(path)
+                logger.info("checkpoint purge: deleted %s", path)
+        except Exception as exc:  # noqa: BLE001 - a failed delete must not stop training
+            logger.warning("checkpoint purge: could not delete %s (%s); will retry", path, exc)
+    for name in leftovers:
+        path = layout.join(folder, name)
         try:
             layout.remove_tree(path)
             deleted.append(path)
             logger.info("checkpoint purge: deleted %s", path)
-        except Exception as exc:  # noqa: BLE001 - a failed delete must not stop training
+        except Exception as exc:  # noqa: BLE001
             logger.warning("checkpoint purge: could not delete %s (%s); will retry", path, exc)
     return deleted
 
@@ -90,9 +179,18 @@ def purge(
 class Purger:
     """Runs :func:`purge` in one background thread at a time."""
 
-    def __init__(self, folder: str, keep_latest_k: int) -> None:
+    def __init__(
+        self,
+        folder: str,
+        keep_latest_k: int,
+        *,
+        keep_every_n_steps: int = 0,
+        keep_steps: Iterable[int] = (),
+    ) -> None:
         self.folder = folder
         self.keep_latest_k = keep_latest_k
+        self.keep_every_n_steps = keep_every_n_steps
+        self.keep_steps = tuple(keep_steps)
         self._thread: threading.Thread | None = None
         self.started = 0  # how many purges this object started (tests: rank 0 only)
 
@@ -104,6 +202,7 @@ class Purger:
         self._thread = threading.Thread(
             target=purge,
             args=(self.folder, self.keep_latest_k, tuple(protected), tuple(in_flight)),
+            kwargs={"keep_every_n_steps": self.keep_every_n_steps, "keep_steps": self.keep_steps},
             name="ckpt-purge",
             daemon=True,
         )

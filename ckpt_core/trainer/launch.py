@@ -25,6 +25,8 @@ logger = logging.getLogger("ckpt_core.trainer")
 
 #: Set by :func:`relaunch` for its workers: the pid of the ``ckpt train --nproc N`` process.
 LAUNCHER_ENV = "CKPT_TRAIN_LAUNCHER_PID"
+#: Signals torchrun's agent turns into "stop the workers" (its default).
+_TORCHRUN_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
 
 
 @dataclass(frozen=True)
@@ -121,19 +123,79 @@ def die_with_launcher() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def relaunch(nproc: int, argv: Sequence[str], *, verbose: bool = False) -> int:
+def worker_pids() -> list[int]:
+    """Pids of this launcher's ranks: children whose environment names this process (Linux)."""
+    me = os.getpid()
+    marker = f"{LAUNCHER_ENV}={me}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            if ppid != me:
+                continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if marker in f.read().split(b"\0"):
+                    pids.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+    return pids
+
+
+def forward_signals(signals: Sequence[signal.Signals]) -> str:
+    """In the launcher: pass each of ``signals`` on to the ranks instead of dying.
+
+    torchrun would forward them too, but SIGKILLs ranks that take over 30 s (a
+    preemption save may take longer) and loses their exit status; so torchrun is
+    told to leave these signals alone and the launcher returns the ranks' own status
+    (75 after a preemption save). A signal that arrives before any rank started ends
+    the launcher the default way. Returns torchrun's ``--signals-to-handle`` value.
+    """
+    handled = [n for n in _TORCHRUN_SIGNALS if n not in {s.name for s in signals}]
+    if not signals or not sys.platform.startswith("linux"):
+        return ",".join(_TORCHRUN_SIGNALS)
+
+    def forward(signum: int, frame: object) -> None:
+        pids = worker_pids()
+        if not pids:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    for sig in signals:
+        signal.signal(sig, forward)
+    return ",".join(handled)
+
+
+def relaunch(
+    nproc: int,
+    argv: Sequence[str],
+    *,
+    verbose: bool = False,
+    forward: Sequence[signal.Signals] = (),
+) -> int:
     """Run ``ckpt train argv`` on ``nproc`` local ranks under torchrun; the exit code.
 
     ``argv`` must not contain ``--nproc``. The workers print their own errors;
-    torchrun's summary of a failed worker is kept to one line.
+    torchrun's summary of a failed worker is kept to one line. ``forward``: the
+    preemption signals passed on to the ranks (:func:`forward_signals`).
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
     module_args = ["-v"] if verbose else []
+    torchrun_signals = forward_signals(forward)
     torchrun_args = parse_args(
         [
             "--standalone",
+            f"--signals-to-handle={torchrun_signals}",
             f"--nproc_per_node={nproc}",
             "--module",
             "ckpt_core.cli.main",

@@ -8,11 +8,15 @@ Order of one run (every rank):
 2. AdamW over the trainable parameters with a linear warmup (``LambdaLR``),
    the synthetic token stream, and a :class:`~ckpt_core.CheckpointManager`
    over all of them;
-3. ``manager.load()``: resume from the newest committed step, else the initial
-   load, else a fresh start;
+3. ``manager.acquire()`` (one-writer locks on the checkpoint, export and
+   metrics folders), ``manager.load()`` (resume from the newest committed
+   step, else the initial load, else a fresh start), ``manager.preflight()``
+   (the folders are writable and have room for a checkpoint);
 4. per step: forward/backward, ``maybe_wait_for_staging()`` (an async save
    still copying weights must finish before they change), clip, optimizer and
    scheduler step, ``post_optimizer_step``, counters, metrics line, ``save``;
+   then, when any rank got a preemption signal (``checkpoint.preemption_signal``),
+   ``save_now`` of this step and stop (``ckpt train`` exits with 75);
 5. ``manager.close()`` drains pending saves, on success and on error.
 """
 
@@ -201,8 +205,14 @@ def train(cfg: TrainConfig, dist_info: Dist) -> dict[str, Any]:
     )
     metrics: MetricsWriter | None = None
     progress: Progress | None = None
+    preempted: int | None = None
     try:
+        handler = manager.install_preemption_handler()  # checkpoint.preemption_signal
+        # One writer: a second run on these folders fails here, before it loads or writes.
+        metrics_folder = os.path.dirname(os.path.abspath(cfg.resolve(cfg.metrics.path)))
+        manager.acquire(also={"metrics.path": metrics_folder})
         manager.load()
+        manager.preflight()  # folders writable, room for a checkpoint: before step 1
         state = manager.train_state
         start = state.step + 1
         if dist_info.is_main:
@@ -256,6 +266,10 @@ def train(cfg: TrainConfig, dist_info: Dist) -> dict[str, Any]:
             )
             progress.update(step, last_loss, tokens_per_step / max(seconds, 1e-9), lr)
             manager.save(step, last_step=step == tcfg.steps)
+            if step < tcfg.steps and manager.preemption_requested():
+                _save_on_preemption(manager, handler, step, dist_info)
+                preempted = step
+                break
         if start > tcfg.steps:
             _finish_missing_export(manager, cfg, tcfg.steps)
     except BaseException:
@@ -269,7 +283,33 @@ def train(cfg: TrainConfig, dist_info: Dist) -> dict[str, Any]:
     manager.close()
     if dist_info.is_main and start > tcfg.steps:
         logger.info("nothing to train: the checkpoint is already at step %d", start - 1)
-    return {"start": start, "steps": tcfg.steps, "loss": last_loss}
+    return {"start": start, "steps": tcfg.steps, "loss": last_loss, "preempted": preempted}
+
+
+def _save_on_preemption(manager: Any, handler: Any, step: int, dist_info: Dist) -> None:
+    """Every rank: save ``step`` now (synchronously), then one line from rank 0."""
+    from ckpt_core.preemption import PREEMPTED_EXIT
+
+    saved = manager.save_now(step)
+    if not dist_info.is_main:
+        return
+    name = handler.signal_name if handler is not None else None
+    where = manager.config.folder
+    if saved:
+        logger.warning(
+            "preempted (%s): step %d saved in %s; exit %d, resume with the same command",
+            name or "signal on another rank",
+            step,
+            where,
+            PREEMPTED_EXIT,
+        )
+    else:
+        logger.warning(
+            "preempted (%s) after step %d: checkpoints are off, nothing saved; exit %d",
+            name or "signal on another rank",
+            step,
+            PREEMPTED_EXIT,
+        )
 
 
 def _finish_missing_export(manager: Any, cfg: TrainConfig, step: int) -> None:
