@@ -91,6 +91,7 @@ def write_export(
     progress: Callable[[int], None] | None = None,
     max_shard_bytes: int | None = None,
     on_total: Callable[[int], None] | None = None,
+    sign_key: Any = None,
 ) -> None:
     """Write the model's export view to ``final_path`` (collective on every rank).
 
@@ -100,6 +101,7 @@ def write_export(
     ``on_total(nbytes)`` is called once with the bytes of tensor data to write,
     then ``progress(nbytes)`` as they are written (per tensor for HF, once at the
     end for DCP); ``max_shard_bytes`` caps each HF safetensors file (default 5 GiB).
+    ``sign_key`` (a private key or its PEM path) signs the folder before its commit.
     """
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"export format {fmt!r} is not supported; allowed: {EXPORT_FORMATS}.")
@@ -150,6 +152,10 @@ def write_export(
     _barrier()
     if rank == 0:
         _write_manifest(tmp, known, step, world, converters, sd_adapter)
+        if sign_key is not None:
+            from ckpt_core.storage import signing
+
+            signing.sign_folder(tmp, sign_key)
         layout.commit(tmp, final_path)
     _barrier()
     logger.info(

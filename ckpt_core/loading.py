@@ -21,7 +21,7 @@ from ckpt_core import owned_only, resume
 from ckpt_core.config import InitialLoadConfig
 from ckpt_core.errors import CheckpointError
 from ckpt_core.states import ModelState
-from ckpt_core.storage import layout
+from ckpt_core.storage import layout, signing
 from ckpt_core.storage.safe_metadata import METADATA_NAME, read_metadata
 
 if TYPE_CHECKING:
@@ -73,6 +73,7 @@ def _resume(manager: CheckpointManager, step: int, explicit: bool = False) -> No
     folder = manager.config.folder
     found = resume.check_step(folder, step, explicit=explicit)
     path = layout.step_dir(folder, step)
+    signing.require_valid(path, manager.config.verify_key)
     states = _states_to_load(manager)
     if found.get("base"):  # an owned-only checkpoint: its frozen base first, then owned keys
         _initial_load(manager, owned_only.base_to_load(found["base"], manager.config.initial_load))
@@ -120,6 +121,7 @@ def _initial_load(manager: CheckpointManager, initial: InitialLoadConfig | None 
                 )
             resume.check_step(path, steps[-1])
             path = layout.step_dir(path, steps[-1])
+        signing.require_valid(path, manager.config.verify_key)
         states = _states_to_load(manager, model_only=initial.model_only)
         owned = manager.converters.key_filter
         if base_only:
@@ -133,6 +135,7 @@ def _initial_load(manager: CheckpointManager, initial: InitialLoadConfig | None 
     else:
         from ckpt_core.exporter import load_hf
 
+        signing.require_valid(path, manager.config.verify_key)
         load_hf(
             manager.wrapper,
             path,

@@ -20,6 +20,8 @@ SUBCOMMANDS = {
     "verify": "ckpt_core.cli.verify_cmd",
     "convert": "ckpt_core.cli.convert_cmd",
     "train": "ckpt_core.cli.train_cmd",
+    "keygen": "ckpt_core.cli.keygen_cmd",
+    "sign": "ckpt_core.cli.sign_cmd",
 }
 
 # Subcommands whose unknown options are passed through (config overrides).

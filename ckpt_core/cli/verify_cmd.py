@@ -3,7 +3,9 @@
 PATH is a step folder (``.../step-100``) or a folder of steps (every committed
 step is checked, or only ``--step N``). Each file is checked for presence,
 size and CRC-32; files on disk that the manifest does not list are reported
-too. Exit status 0 when everything matches, 1 naming each bad file otherwise.
+too. ``--key PUBLIC`` checks ``signature.json`` and every file's SHA-256
+instead (:mod:`ckpt_core.storage.signing`). Exit status 0 when everything
+matches, 1 naming each bad file otherwise.
 Large checkpoints get a progress bar on stderr.
 """
 
@@ -21,6 +23,9 @@ PROGRESS_MIN_BYTES = 256 << 20
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="a step folder, or a folder of step-<N> folders (or URI)")
     parser.add_argument("--step", type=int, default=None, help="only this step of a folder")
+    parser.add_argument(
+        "--key", default=None, help="public key PEM: also require a valid signature by it"
+    )
     parser.add_argument(
         "--progress",
         choices=("auto", "always", "never"),
@@ -82,14 +87,22 @@ def verify_folder(folder: str, progress_mode: str = "auto") -> list:
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
+    from ckpt_core.storage import signing
+
+    key = signing.load_public_key(args.key) if args.key else None
     bad = 0
     for folder in step_folders(args.path, args.step):
-        problems = verify_folder(folder, args.progress)
+        if key is not None:  # the signature, then every file's SHA-256 (covers the CRCs)
+            problems = signing.check_folder(folder, key)
+        else:
+            problems = verify_folder(folder, args.progress)
         if problems:
             bad += 1
             print(f"FAILED {folder}: {len(problems)} bad file(s)")
             for p in problems:
                 print(f"  {p}")
         else:
-            print(f"OK     {folder}")
+            print(f"OK     {folder}" + (" (signature checked)" if key is not None else ""))
+        if key is None and signing.has_signature(folder):
+            print("       signed; signature not checked (pass --key PUBLIC to check it)")
     return 1 if bad else 0

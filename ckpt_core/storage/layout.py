@@ -91,6 +91,26 @@ def open_file(path: str, mode: str) -> Any:
     return open(inner, mode) if fs is None else fs.open(inner, mode)
 
 
+def write_file(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all.
+
+    Local: a temporary name beside it, fsync'd, renamed over ``path``, folder
+    fsync'd. An object store's single PUT is all-or-nothing already.
+    """
+    fs, inner = filesystem(path)
+    if fs is not None:
+        with fs.open(inner, "wb") as f:
+            f.write(data)
+        return
+    tmp = f"{inner}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, inner)
+    fsync_dir(os.path.dirname(inner) or ".")
+
+
 def makedirs(path: str) -> None:
     """Create ``path`` and its parents if needed."""
     fs, inner = filesystem(path)

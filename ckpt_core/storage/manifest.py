@@ -29,6 +29,8 @@ from typing import Any
 from ckpt_core.storage import layout
 
 MANIFEST_NAME = "manifest.json"
+#: Written beside the manifest by :mod:`ckpt_core.storage.signing`; never listed in it.
+SIGNATURE_NAME = "signature.json"
 FORMAT_VERSION = 1
 CHECKSUM_ALGO = "crc32"
 _CHUNK = 16 << 20
@@ -81,7 +83,7 @@ def list_files(folder: str) -> list[str]:
         base = inner.rstrip("/")
         for path in fs.find(base):
             out.append(path[len(base) :].lstrip("/"))
-    return sorted(p for p in out if p != MANIFEST_NAME)
+    return sorted(p for p in out if p not in (MANIFEST_NAME, SIGNATURE_NAME))
 
 
 def file_entries(
