@@ -21,7 +21,7 @@ from ckpt_core import owned_only, resume
 from ckpt_core.config import InitialLoadConfig
 from ckpt_core.errors import CheckpointError
 from ckpt_core.states import ModelState
-from ckpt_core.storage import layout, signing
+from ckpt_core.storage import layout, pins, signing
 from ckpt_core.storage.safe_metadata import METADATA_NAME, read_metadata
 
 if TYPE_CHECKING:
@@ -36,7 +36,8 @@ def load_into(manager: CheckpointManager, step: int = -1) -> bool:
     requested = step if step >= 0 else config.load_step
     found = resume.find_step(config.folder, requested)
     if found is not None:
-        _resume(manager, found, explicit=requested >= 0)
+        with pins.reading_step(config.folder, found):  # retention leaves it alone meanwhile
+            _resume(manager, found, explicit=requested >= 0)
         return True
     initial = config.initial_load
     loaded = False
@@ -131,7 +132,8 @@ def _initial_load(manager: CheckpointManager, initial: InitialLoadConfig | None 
             states["model"] = ModelState(
                 manager.wrapper, keep=lambda k: not owned(k) or f"model.{k}" in saved
             )
-        _load_dcp(manager, path, states, exact=False)
+        with pins.reading(path):  # another run's step: its retention waits for us
+            _load_dcp(manager, path, states, exact=False)
     else:
         from ckpt_core.exporter import load_hf
 

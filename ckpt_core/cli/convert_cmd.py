@@ -132,6 +132,7 @@ def convert(
     progress: bool = False,
 ) -> str:
     """Convert ``src`` into ``dst``; returns the source folder actually read."""
+    from ckpt_core.cli import convert_dest
     from ckpt_core.cli.convert_source import (
         architecture,
         load_source,
@@ -141,10 +142,9 @@ def convert(
     from ckpt_core.errors import CheckpointError
     from ckpt_core.exporter import write_export
     from ckpt_core.model_wrapper import ModelWrapper
-    from ckpt_core.storage import layout, manifest
+    from ckpt_core.storage import manifest, pins
 
-    if layout.exists(dst) and not overwrite:
-        raise CheckpointError(f"convert: {dst} already exists; pass --overwrite to replace it.")
+    target = convert_dest.prepare(dst, overwrite=overwrite)
     folder, kind = resolve_source(src, step)
     if overwrite and _inside(folder, dst):
         raise CheckpointError(
@@ -156,37 +156,39 @@ def convert(
     # An export (HF or DCP) already holds the export view: no converters by default.
     is_export = (recorded or {}).get("kind") == "export"
     convs = _converters(converters, (recorded or {}).get("converters"), is_export=is_export)
-    net = family.build_model(config)
+    _check_size(family, config, folder, kind, model, recorded)
+    adapter = family.adapter(config)
+    net = _build(family, config)
     convs.convert(net)
     wrapper = ModelWrapper(net, convs)
-    adapter = family.adapter(config)
     if dtype is None:  # keep the source's dtype (the model was built in fp32)
         dtype = source_float_dtype(folder, kind)
-    target = layout.join(dst.rstrip("/") + ".ckpt-convert-new") if overwrite else dst
-    if overwrite:
-        layout.remove_tree(target)
     with _progress(progress) as bar:
         if bar is not None:
             size = sum(t.numel() * t.element_size() for t in wrapper.state_dict("full").values())
             reading = bar.add_task(f"reading {folder}", total=size)
-        load_source(wrapper, folder, kind, config, adapter, convs, recorded)
+        with pins.reading(folder):  # a training run's retention keeps the step meanwhile
+            load_source(wrapper, folder, kind, config, adapter, convs, recorded)
         if bar is not None:
             bar.update(reading, completed=size)
             task = bar.add_task(f"writing {dst}", total=None)
-        write_export(
-            wrapper,
-            target,
-            fmt=to,
-            dtype=dtype,
-            sd_adapter=adapter,
-            converters=convs,
-            step=(recorded or {}).get("step"),
-            on_total=(lambda n: bar.update(task, total=n)) if bar is not None else None,
-            progress=(lambda n: bar.advance(task, n)) if bar is not None else None,
-        )
+        try:
+            write_export(
+                wrapper,
+                target,
+                fmt=to,
+                dtype=dtype,
+                sd_adapter=adapter,
+                converters=convs,
+                step=(recorded or {}).get("step"),
+                on_total=(lambda n: bar.update(task, total=n)) if bar is not None else None,
+                progress=(lambda n: bar.advance(task, n)) if bar is not None else None,
+            )
+        except BaseException:
+            convert_dest.discard(target, overwrite=overwrite)
+            raise
     if overwrite:
-        layout.remove_tree(dst)
-        _rename(target, dst)
+        convert_dest.replace(target, dst)
     logger.info("converted %s (%s) to %s (%s)", folder, kind, dst, to)
     return folder
 
@@ -201,16 +203,69 @@ def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def _rename(old: str, new: str) -> None:
+def _check_size(family, config, folder: str, kind: str, model: str | None, recorded) -> None:
+    """Refuse declared sizes that are malformed or that the source's data cannot hold.
+
+    Runs before the model is built: the config's size fields are checked
+    (:func:`~ckpt_core.reference.hf_config.check_sizes`), then the parameters of
+    the model built on the ``meta`` device (no memory) are compared with the
+    bytes of the source's files; each parameter takes at least one stored byte.
+    """
+    from ckpt_core.reference.hf_config import check_sizes
     from ckpt_core.storage import layout
 
-    fs, inner_old = layout.filesystem(old)
-    _, inner_new = layout.filesystem(new)
-    if fs is None:
-        os.rename(inner_old, inner_new)
-        layout.fsync_dir(os.path.dirname(inner_new) or ".")
+    if model is not None:
+        source = f"--model {model}"
+    elif kind == "hf":
+        source = layout.join(folder, "config.json")
     else:
-        fs.mv(inner_old, inner_new, recursive=True)
+        source = f"the 'model' entry of {layout.join(folder, 'manifest.json')}"
+    # The reference family reads these fields by these names; others may name them otherwise.
+    check_sizes(config, source=source, required=family.name == "llama")
+    if layout.is_uri(folder) or (kind == "dcp" and (recorded or {}).get("base")):
+        return  # remote, or the weights live in the recorded base: nothing local to compare
+    meta = family.build_model(config, device="meta")
+    params = sum(p.numel() for p in meta.parameters())
+    if kind == "hf":
+        from ckpt_core.storage.hf_reader import check_fits
+
+        check_fits(params, folder, what=source)
+        return
+    held = _regular_file_bytes(folder)
+    if params > held:
+        from ckpt_core.errors import DamagedCheckpointError
+
+        raise DamagedCheckpointError(
+            f"{source} describes a model of {params:,} parameters, but the files of {folder} "
+            f"hold only {held:,} bytes; the entry does not belong to this checkpoint (or was "
+            "crafted). Nothing was allocated."
+        )
+
+
+def _regular_file_bytes(folder: str) -> int:
+    """Bytes of the regular files directly in the local ``folder`` (symlinks not followed)."""
+    total = 0
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_file(follow_symlinks=False):
+                total += entry.stat(follow_symlinks=False).st_size
+    return total
+
+
+def _build(family, config):
+    """The model built from ``config``; running out of memory is one line naming its size."""
+    try:
+        return family.build_model(config)
+    except (MemoryError, RuntimeError) as exc:
+        if not isinstance(exc, MemoryError) and "alloc" not in str(exc).lower():
+            raise
+        from ckpt_core.errors import CheckpointError
+
+        params = sum(p.numel() for p in family.build_model(config, device="meta").parameters())
+        raise CheckpointError(
+            f"convert: building the model ({params:,} parameters, {params * 4 / 2**30:.1f} GiB "
+            "in fp32) ran out of memory; convert on a machine with more memory."
+        ) from None
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:

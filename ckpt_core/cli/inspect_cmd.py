@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from typing import Any
 
@@ -34,17 +35,24 @@ def _human(n: int) -> str:
 
 def list_steps(folder: str) -> list[dict[str, Any]]:
     """Committed steps and leftover temporary folders, with their state."""
+    from ckpt_core.errors import CheckpointError
     from ckpt_core.storage import layout, manifest
 
     rows = []
+    pinned = _pinned(folder)
     for s in layout.committed_steps(folder):
         path = layout.step_dir(folder, s)
-        found = manifest.read(path)
+        try:
+            found = manifest.read(path)
+        except CheckpointError:
+            rows.append({"step": s, "status": "damaged manifest", "bytes": None})
+            continue
         problems = manifest.check_sizes(path, found)
         rows.append(
             {
                 "step": s,
-                "status": "ok" if not problems else "no manifest" if found is None else "damaged",
+                "status": ("ok" if not problems else "no manifest" if found is None else "damaged")
+                + (", pinned" if s in pinned else ""),
                 "bytes": manifest.total_bytes(found) if found else None,
             }
         )
@@ -52,6 +60,18 @@ def list_steps(folder: str) -> list[dict[str, Any]]:
         if name.startswith(layout.TMP_PREFIX):
             rows.append({"step": name, "status": "uncommitted (ignored)", "bytes": None})
     return rows
+
+
+def _pinned(folder: str) -> set[int]:
+    """Steps pinned in ``pins.json`` (``ckpt pin``); a malformed file is reported, not fatal."""
+    from ckpt_core.errors import CheckpointError
+    from ckpt_core.storage.pins import read_pins
+
+    try:
+        return set(read_pins(folder))
+    except CheckpointError as exc:
+        logging.getLogger(__name__).warning("%s", exc)
+        return set()
 
 
 def describe_dcp(folder: str) -> dict[str, Any]:
@@ -92,6 +112,7 @@ def describe_safetensors(folder: str) -> dict[str, Any]:
 
     from safetensors import safe_open
 
+    from ckpt_core.storage.hf_reader import resolve_file
     from ckpt_core.storage.hf_writer import SAFETENSORS_DTYPES
 
     itemsize = {name: dtype.itemsize for dtype, name in SAFETENSORS_DTYPES.items()}
@@ -100,8 +121,8 @@ def describe_safetensors(folder: str) -> dict[str, Any]:
         for name in sorted(files):
             if not name.endswith(".safetensors"):
                 continue
-            path = os.path.join(root, name)
-            rel = os.path.relpath(path, folder)
+            rel = os.path.relpath(os.path.join(root, name), folder)
+            path = resolve_file(folder, rel, what=f"{folder} file")  # no FIFO, nothing outside
             with safe_open(path, "pt") as f:
                 for key in f.keys():
                     sl = f.get_slice(key)

@@ -1,7 +1,9 @@
 """``ckpt`` entry point: dispatches to one module per subcommand.
 
 Each subcommand module defines ``HELP`` (one line), ``add_arguments(parser)``
-and ``run(args, extra) -> int``; heavy imports happen inside ``run``.
+and ``run(args, extra) -> int``; heavy imports happen inside ``run``. A failure
+is one line on stderr (:mod:`ckpt_core.cli.failures`); ``--debug`` or
+``CKPT_DEBUG=1`` adds its traceback.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from ckpt_core.errors import CkptError
+from ckpt_core.cli import failures
 
 SUBCOMMANDS = {
     "plugins": "ckpt_core.cli.plugins_cmd",
@@ -20,6 +22,8 @@ SUBCOMMANDS = {
     "verify": "ckpt_core.cli.verify_cmd",
     "convert": "ckpt_core.cli.convert_cmd",
     "train": "ckpt_core.cli.train_cmd",
+    "pin": "ckpt_core.cli.pin_cmd",
+    "unpin": "ckpt_core.cli.pin_cmd",
     "keygen": "ckpt_core.cli.keygen_cmd",
     "sign": "ckpt_core.cli.sign_cmd",
 }
@@ -34,6 +38,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
         prog="ckpt", description="Checkpoints for PyTorch distributed training."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of a failure (also: environment variable CKPT_DEBUG=1)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules: dict[str, object] = {}
     for name, module_name in SUBCOMMANDS.items():
@@ -66,12 +75,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(modules[args.command].run(args, extra) or 0)
-    except CkptError as exc:
-        print(f"ckpt {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"ckpt {args.command}: interrupted", file=sys.stderr)
         return 130
+    except (SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # DCP wraps failures in a BaseException: one line each too
+        return failures.report(args.command, exc, debug=failures.debug_enabled(args.debug))
 
 
 if __name__ == "__main__":
