@@ -35,7 +35,14 @@ CASES = {
     ),
     # Damaged steps never count toward k, and the newest two *intact* ones are kept.
     "damaged newest does not count toward k": ([1, 2, 3, 4], [1, 2, 3], 2, 0, [], [1]),
-    "damaged newer than the cutoff is left for a human": ([1, 2, 3, 4, 5], [1, 2, 5], 2, 0, [], [1]),
+    "damaged newer than the cutoff is left for a human": (
+        [1, 2, 3, 4, 5],
+        [1, 2, 5],
+        2,
+        0,
+        [],
+        [1],
+    ),
     "fewer intact steps than k deletes nothing": ([1, 2, 3], [3], 2, 0, [], []),
     "the newest committed step is kept even when damaged": ([4, 8], [4], 1, 0, [], []),
     "unsorted input": ([4, 1, 3, 2], [3, 1, 4, 2], 2, 0, [], [1, 2]),
