@@ -32,3 +32,32 @@ class DamagedCheckpointError(CheckpointError):
     out of bounds, pointing outside their folder, or failing their checksums."""
 
     exit_code = 1
+
+
+class FolderLockedError(CkptError):
+    """Another run holds the folder this run would write (one writer per folder).
+
+    ``ckpt train`` exits 2: nothing was trained or written.
+    """
+
+    exit_code = 2
+
+
+class PreflightError(CkptError):
+    """A folder the run will write is not writable or too small, found before step 1.
+
+    ``ckpt train`` exits 2: nothing was trained or written.
+    """
+
+    exit_code = 2
+
+
+class SaveError(CheckpointError, OSError):
+    """Writing a checkpoint or an export failed on the storage (disk full, read-only,
+    vanished mount); the last committed step is intact.
+
+    An ``OSError`` too, so callers that caught the storage's own error still do.
+    ``ckpt train`` exits 1: the run stopped after training some steps.
+    """
+
+    exit_code = 1

@@ -26,6 +26,7 @@ SUBCOMMANDS = {
     "unpin": "ckpt_core.cli.pin_cmd",
     "keygen": "ckpt_core.cli.keygen_cmd",
     "sign": "ckpt_core.cli.sign_cmd",
+    "selftest": "ckpt_core.cli.selftest_cmd",
 }
 
 # Subcommands whose unknown options are passed through (config overrides).

@@ -120,13 +120,43 @@ def makedirs(path: str) -> None:
         fs.makedirs(inner, exist_ok=True)
 
 
+def refuse_link(path: str, action: str) -> None:
+    """Raise :class:`CheckpointError` when the local ``path`` itself is a symbolic link.
+
+    ckpt creates its step and temporary folders itself; a link in their place was
+    put there by someone else, and following it would write or delete wherever it
+    points. Links *inside* a folder are never followed either (``shutil.rmtree``
+    unlinks them).
+    """
+    fs, inner = filesystem(path)
+    if fs is None and os.path.islink(inner):
+        from ckpt_core.errors import CheckpointError
+
+        raise CheckpointError(
+            f"{inner} is a symbolic link (to {os.readlink(inner)!r}); ckpt never {action} "
+            "through a link. Remove the link (and find out who made it), then run again."
+        )
+
+
 def remove_tree(path: str) -> None:
-    """Delete a folder and everything in it (missing is fine)."""
+    """Delete a folder and everything in it (missing is fine).
+
+    A local ``path`` that is a symbolic link or not a folder is refused with a
+    :class:`~ckpt_core.errors.CheckpointError` (nothing is deleted).
+    """
     fs, inner = filesystem(path)
     if fs is None:
         import shutil
 
+        refuse_link(path, "deletes")
         if os.path.exists(inner):
+            if not os.path.isdir(inner):
+                from ckpt_core.errors import CheckpointError
+
+                raise CheckpointError(
+                    f"{inner} is a file where ckpt expects a folder it made; not deleting it. "
+                    "Move it away, then run again."
+                )
             shutil.rmtree(inner)
     elif fs.exists(inner):
         fs.rm(inner, recursive=True)
@@ -167,14 +197,15 @@ def commit(tmp: str, final: str, *, fsync: bool = True) -> None:
     Local folders are fsync'd (files, the folder, then the parent after the
     rename) so a crash never leaves a committed but empty step.
     """
-    if exists(final):
+    fs, inner_tmp = filesystem(tmp)
+    _, inner_final = filesystem(final)
+    if exists(final) or (fs is None and os.path.islink(inner_final)):
         raise FileExistsError(
             f"{final} already exists; refusing to overwrite a committed folder. Remove it "
             "first or save under another step."
         )
-    fs, inner_tmp = filesystem(tmp)
-    _, inner_final = filesystem(final)
     if fs is None:
+        refuse_link(tmp, "commits")
         if fsync:
             fsync_tree(inner_tmp)
         os.rename(inner_tmp, inner_final)
