@@ -4,6 +4,10 @@
 arguments it runs the embedded default (the ``debug`` Llama, a short run that
 shows the loss falling, checkpoints and a bf16 Hugging Face export, all under
 ``./outputs``).
+
+Exit status: 0 done, 2 bad input, 75 preempted (a ``checkpoint.preemption_signal``
+arrived and the current step was saved: run the same command again), 128 + n when a
+second signal cut the preemption save short (the last committed step is intact).
 """
 
 from __future__ import annotations
