@@ -1,17 +1,17 @@
-"""Pins and reader locks: what retention must not delete, kept beside the steps.
+"""Pins and reader locks: what retention must not delete.
 
-Both live in the checkpoint folder, outside every ``step-<N>`` (a committed step
-is never modified, so ``ckpt verify`` and signatures still cover exactly what was
-saved):
+Neither changes a committed step's files (``ckpt verify`` and signatures still
+cover exactly what was saved):
 
 * ``<folder>/pins.json``: ``{"format_version": 1, "pinned": {"<step>": {"time": ..,
   "note": ..}}}``, written by ``ckpt pin`` / ``ckpt unpin`` (replaced atomically).
   It survives restarts and is shown by ``ckpt inspect``; it works on object stores.
-* ``<folder>/.readers/step-<N>``: empty lock files. A reader (resume, initial load,
-  ``ckpt convert``, ``ckpt pin``) holds a shared ``flock`` on one while it reads
-  that step; purge deletes a step only while holding the exclusive lock, so the
-  two never overlap. Local folders only: object stores have no locks (pin a step
-  there to keep it), and a read-only folder needs none (nothing can delete it).
+* Reader locks: a reader of another run's step (a DCP initial load, ``ckpt convert``,
+  ``ckpt pin``) holds a shared ``flock`` on the ``step-<N>`` directory itself while it
+  reads; purge deletes a step only while holding it exclusively, so the two never
+  overlap. No lock files are created. Local file systems only: object stores have no
+  locks (pin a step there to keep it), and where ``flock`` is not supported (some
+  NFS mounts refuse it on directories) reads and deletes go on unlocked.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from ckpt_core.storage import layout
 logger = logging.getLogger(__name__)
 
 PINS_NAME = "pins.json"
-READERS_DIR = ".readers"
 _STEP_PATH_RE = re.compile(r"^(.*)[/\\]step-(\d+)[/\\]?$")
 
 
@@ -88,55 +87,65 @@ def set_pin(folder: str, step: int, pinned: bool, note: str | None = None) -> No
         _write_pins(folder, pins)
 
 
-def _lock_path(folder: str, step: int) -> str | None:
-    """``<folder>/.readers/step-<N>`` (created), or None where no lock can be taken."""
-    if layout.is_uri(folder):
-        return None
-    local = layout.filesystem(folder)[1]
-    if not os.path.isdir(local):
-        return None
-    try:
-        os.makedirs(os.path.join(local, READERS_DIR), exist_ok=True)
-    except OSError:
-        return None  # read-only or missing folder: nothing can delete its steps here
-    return os.path.join(local, READERS_DIR, f"{layout.STEP_PREFIX}{step}")
-
-
 @contextlib.contextmanager
-def _flock(path: str | None, exclusive: bool, blocking: bool) -> Iterator[bool]:
-    """Hold ``flock`` on ``path``; yields whether it is held (always True when blocking)."""
-    if path is None:
+def _flock_dir(path: str, exclusive: bool, blocking: bool) -> Iterator[bool]:
+    """Hold ``flock`` on directory ``path``; yields False only when another holder
+    blocks a non-blocking attempt (no lock where there is none to take)."""
+    if layout.is_uri(path):
         yield True
         return
     import fcntl
 
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(layout.filesystem(path)[1], os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
-        yield True  # cannot create the lock file: read-only, as above
+        yield True  # gone or unreadable: nothing to hold
         return
     try:
         flags = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if blocking else fcntl.LOCK_NB)
         try:
             fcntl.flock(fd, flags)
         except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            yield False
-            return
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                yield False
+                return
+            logger.debug("no flock on %s (%s): going on unlocked", path, exc)
         yield True
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def _same_dir(path: str, before: os.stat_result | None) -> bool:
+    try:
+        now = os.stat(layout.filesystem(path)[1])
+    except OSError:
+        return False
+    return before is None or (now.st_ino, now.st_dev) == (before.st_ino, before.st_dev)
 
 
 @contextlib.contextmanager
 def reading_step(folder: str, step: int) -> Iterator[None]:
     """Hold ``step``'s shared reader lock: purge does not delete it meanwhile.
 
-    Waits while a purge is deleting that step (the caller then finds it gone).
+    Waits while a purge is deleting that step, then raises :class:`CheckpointError`
+    (the step is gone).
     """
-    with _flock(_lock_path(folder, step), exclusive=False, blocking=True):
+    path = layout.step_dir(folder, step)
+    before = None if layout.is_uri(path) else _stat(path)
+    with _flock_dir(path, exclusive=False, blocking=True):
+        if before is not None and not _same_dir(path, before):
+            raise CheckpointError(
+                f"{path} was deleted by its run's retention while this process waited to "
+                f"read it; pick a step that exists (ckpt inspect {folder}), or pin it first."
+            )
         yield
+
+
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(layout.filesystem(path)[1])
+    except OSError:
+        return None
 
 
 @contextlib.contextmanager
@@ -153,27 +162,12 @@ def reading(path: str) -> Iterator[None]:
 @contextlib.contextmanager
 def deleting_step(folder: str, step: int) -> Iterator[bool]:
     """Try to take ``step``'s lock exclusively; yields False while anyone reads it."""
-    with _flock(_lock_path(folder, step), exclusive=True, blocking=False) as held:
+    with _flock_dir(layout.step_dir(folder, step), exclusive=True, blocking=False) as held:
         yield held
-
-
-def remove_lock(folder: str, step: int) -> None:
-    """Remove a deleted step's lock file (a reader still holding it then finds no step)."""
-    path = _lock_path(folder, step)
-    if path is not None:
-        with contextlib.suppress(OSError):
-            os.remove(path)
 
 
 @contextlib.contextmanager
 def _folder_lock(folder: str) -> Iterator[None]:
     """Serializes ``pins.json`` read-modify-write between ``ckpt pin`` processes."""
-    path = None
-    if not layout.is_uri(folder):
-        local = layout.filesystem(folder)[1]
-        if os.path.isdir(local):
-            with contextlib.suppress(OSError):
-                os.makedirs(os.path.join(local, READERS_DIR), exist_ok=True)
-            path = os.path.join(local, READERS_DIR, "pins.lock")
-    with _flock(path, exclusive=True, blocking=True):
+    with _flock_dir(folder, exclusive=True, blocking=True):
         yield

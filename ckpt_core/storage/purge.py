@@ -12,7 +12,7 @@ Rules (each one a lesson from a lost checkpoint):
   ``protected`` step (the one this run loaded).
 * Only steps older than the oldest of the newest ``k`` intact ones may go: a
   damaged step newer than that is left for a human to look at.
-* A step someone reads (a shared lock on ``.readers/step-<N>``, see
+* A step someone reads (a shared ``flock`` on its directory, see
   :mod:`ckpt_core.storage.pins`) is skipped and retried at the next purge.
 * A step is first renamed to ``.deleting-step-<N>`` (local) or loses its manifest
   first (object stores), so a delete cut short never leaves a step that looks
@@ -130,7 +130,6 @@ def delete_step(folder: str, step: int) -> bool:
             os.rename(layout.filesystem(path)[1], layout.filesystem(trash)[1])
             layout.fsync_dir(layout.filesystem(folder)[1])
             layout.remove_tree(trash)
-        pins.remove_lock(folder, step)
     return True
 
 
