@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import re
-import stat
 import time
 import zlib
 from collections.abc import Callable
@@ -38,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ckpt_core.errors import CheckpointError, ConfigError
-from ckpt_core.storage import layout, manifest
+from ckpt_core.storage import layout, manifest, paths
 from ckpt_core.storage.manifest import MANIFEST_NAME, SIGNATURE_NAME, Problem
 
 logger = logging.getLogger(__name__)
@@ -161,24 +160,20 @@ def canonical(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def _safe_relative(rel: Any) -> bool:
-    if not isinstance(rel, str) or not rel or "\\" in rel or "\x00" in rel:
+def _safe_name(rel: Any) -> bool:
+    try:
+        paths.check_name(rel, what="a signed or listed file")
+    except CheckpointError:
         return False
-    if rel.startswith("/") or re.match(r"^[A-Za-z]:", rel):
-        return False
-    return all(part not in ("", ".", "..") for part in rel.split("/"))
+    return True
 
 
 def _open_regular(path: str) -> Any:
-    """Open a local file without following a symlink and only if it is a regular file."""
+    """Open a file for reading: an fsspec object, or a local regular file not via a symlink."""
     fs, inner = layout.filesystem(path)
     if fs is not None:
         return fs.open(inner, "rb")
-    fd = os.open(inner, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(f"{path} is not a regular file")
-    return os.fdopen(fd, "rb")
+    return paths.open_regular(inner, what="signing")
 
 
 def file_digest(path: str, progress: Callable[[int], None] | None = None) -> tuple[int, str, str]:
@@ -196,18 +191,24 @@ def file_digest(path: str, progress: Callable[[int], None] | None = None) -> tup
     return size, sha.hexdigest(), manifest.crc32_hex(crc)
 
 
+_Failed = OSError | CheckpointError
+
+
 def _digests(
     folder: str, names: list[str], progress: Callable[[str, int], None] | None
-) -> dict[str, tuple[int, str, str] | OSError]:
-    """Digest of each name (an ``OSError`` in place of one that could not be read)."""
+) -> dict[str, tuple[int, str, str] | _Failed]:
+    """Digest of each name, or the error that kept it from being read.
 
-    def one(rel: str) -> tuple[int, str, str] | OSError:
+    A name must be a plain file inside ``folder`` reached through no symlink
+    (:func:`ckpt_core.storage.paths.resolve_inside`), so a FIFO, a device or a
+    link out of the folder is an error here, never read.
+    """
+
+    def one(rel: str) -> tuple[int, str, str] | _Failed:
         try:
-            return file_digest(
-                layout.join(folder, rel),
-                None if progress is None else (lambda n: progress(rel, n)),
-            )
-        except (OSError, FileNotFoundError) as exc:
+            path = paths.resolve_inside(folder, rel, what=f"{folder}: {rel}", symlinks=False)
+            return file_digest(path, None if progress is None else (lambda n: progress(rel, n)))
+        except (OSError, CheckpointError) as exc:
             return exc
 
     workers = max(1, min(4, len(names), os.cpu_count() or 1))
@@ -235,7 +236,7 @@ def sign_folder(
     try:
         with _open_regular(manifest_path) as f:
             manifest_bytes = f.read()
-    except (OSError, FileNotFoundError):
+    except (OSError, CheckpointError):
         raise CheckpointError(
             f"{folder} has no readable {MANIFEST_NAME}; only folders written by ckpt (a "
             "committed step or export) can be signed."
@@ -247,7 +248,7 @@ def sign_folder(
         raise CheckpointError(
             f"{manifest_path} is not a ckpt manifest (no 'files' table); refusing to sign it."
         ) from None
-    bad = [n for n in names if not _safe_relative(n) or n == SIGNATURE_NAME]
+    bad = [n for n in names if not _safe_name(n) or n == SIGNATURE_NAME]
     if bad:
         raise CheckpointError(
             f"{manifest_path} lists {bad[0]!r}, a path outside the folder; refusing to sign it."
@@ -261,7 +262,7 @@ def sign_folder(
     entries = {}
     for rel, got in _digests(folder, names, progress).items():
         path = layout.join(folder, rel)
-        if isinstance(got, OSError):
+        if not isinstance(got, tuple):
             raise CheckpointError(f"cannot read {path} ({got}); refusing to sign {folder}.")
         size, sha, crc = got
         want = files[rel]
@@ -303,7 +304,7 @@ def read_signature(folder: str) -> dict[str, Any]:
     try:
         with _open_regular(path) as f:
             data = f.read(MAX_SIGNATURE_BYTES + 1)
-    except (OSError, FileNotFoundError):
+    except (OSError, CheckpointError):
         raise _Invalid(Problem(SIGNATURE_NAME, "unsigned", "the folder has no signature")) from None
     if len(data) > MAX_SIGNATURE_BYTES:
         raise _Invalid(Problem(SIGNATURE_NAME, "signature", "larger than 64 MiB"))
@@ -377,14 +378,14 @@ def check_folder(
         return [bad.problem]
     problems = []
     names = sorted(doc["files"])
-    unsafe = [n for n in names if not _safe_relative(n) or n in (MANIFEST_NAME, SIGNATURE_NAME)]
+    unsafe = [n for n in names if not _safe_name(n) or n in (MANIFEST_NAME, SIGNATURE_NAME)]
     if unsafe:
         return [Problem(str(unsafe[0]), "signature", "a signed path that leaves the folder")]
     entries = {MANIFEST_NAME: doc["manifest"], **doc["files"]}
     for rel, got in _digests(folder, sorted(entries), progress).items():
         want = entries[rel]
-        if isinstance(got, OSError):
-            reason = "missing" if isinstance(got, FileNotFoundError) else "unreadable"
+        if not isinstance(got, tuple):
+            reason = "unreadable" if layout.exists(layout.join(folder, rel)) else "missing"
             problems.append(Problem(rel, reason, f"signed with {want['size']} bytes ({got})"))
         elif got[0] != want["size"]:
             problems.append(Problem(rel, "size", f"{got[0]} bytes, signed with {want['size']}"))

@@ -140,6 +140,27 @@ def test_unsigned_or_stripped_or_edited_or_extended_folders_are_refused(tmp_path
     assert "__1_0.distcp: unsigned" in capsys.readouterr().out
 
 
+def test_a_signed_file_swapped_for_a_symlink_or_a_fifo_is_refused_without_reading_it(
+    tmp_path, keys, capsys
+):
+    private, public = keys
+    ckpt = tmp_path / "ckpt"
+    _two_steps(ckpt)
+    main(["sign", str(ckpt), "--key", private])
+    data = ckpt / "step-1" / "__0_0.distcp"
+    outside = tmp_path / "outside.distcp"
+    shutil.move(data, outside)
+    os.symlink(outside, data)  # the very same bytes, through a link
+    meta = ckpt / "step-2" / ".metadata"
+    os.remove(meta)
+    os.mkfifo(meta)  # opening it for reading would block forever
+    capsys.readouterr()
+    assert main(["verify", str(ckpt), "--key", public]) == 1
+    out = capsys.readouterr().out
+    assert "__0_0.distcp: unreadable" in out and "symlink" in out
+    assert ".metadata: unreadable" in out and "FIFO" in out
+
+
 def test_an_old_signed_step_replayed_under_a_newer_name_is_refused(tmp_path, keys):
     private, public = keys
     ckpt = tmp_path / "ckpt"
