@@ -12,7 +12,10 @@ from ckpt_core.errors import (
     CkptError,
     ConfigError,
     DamagedCheckpointError,
+    FolderLockedError,
     PluginError,
+    PreflightError,
+    SaveError,
 )
 from ckpt_core.hookspecs import hookimpl, hookspec
 from ckpt_core.model_wrapper import ModelWrapper
@@ -50,8 +53,11 @@ __all__ = [
     "Converters",
     "ConvertersConfig",
     "DamagedCheckpointError",
+    "FolderLockedError",
     "ModelWrapper",
     "PluginError",
+    "PreflightError",
+    "SaveError",
     "StateDictAdapter",
     "StateDictTransforms",
     "hookimpl",
