@@ -1,10 +1,10 @@
 """Preempt ``ckpt train`` with real SIGTERMs on one and two ranks.
 
-One SIGTERM: every rank finishes its step, saves it, and the run exits 75; the same
-command resumes at the next step and logs bitwise the losses of an uninterrupted run
-(no step lost, none trained twice). A second SIGTERM during that save: the run exits
-143 at once, the last committed step verifies, and the same command still resumes
-exactly. The step at which the signal is sent is random; the seed is printed.
+One SIGTERM (sync and async saves): every rank finishes its step, saves it, and the
+run exits 75; the same command resumes at the next step and logs bitwise the losses of
+an uninterrupted run (no step lost, none trained twice). A second SIGTERM during that
+save: the run exits 143 at once, the last committed step verifies, and the same command
+still resumes exactly. The step at which the signal is sent is random; the seed is printed.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from tests.e2e import _train as t
 
@@ -85,10 +87,11 @@ def _assert_resumes_exactly(cmd, folder: Path, ref: dict[int, float], after: int
     assert t.committed_steps(folder)[-1] == steps
 
 
-def test_sigterm_saves_the_step_exits_75_and_the_run_resumes_bitwise(reference, tmp_path):
+@pytest.mark.parametrize("mode", ["disabled", "async"])
+def test_sigterm_saves_the_step_exits_75_and_the_run_resumes_bitwise(mode, reference, tmp_path):
     at = _rng().randint(4, 11)
     ref = reference("none")
-    cmd = t.command(tmp_path)
+    cmd = t.command(tmp_path, "--checkpoint.async_mode", mode)
     last = _assert_preempted_at_a_saved_step(tmp_path, _preempt(cmd, tmp_path, at), at)
     _assert_resumes_exactly(cmd, tmp_path, ref, last, t.STEPS)
 
