@@ -217,7 +217,11 @@ def relaunch(
             ((rank, failure.exitcode) for rank, failure in exc.failures.items()),
             key=lambda rc: rc[0],
         )
-        rank, code = codes[0] if codes else (0, 1)
+        # A rank that exited on its own (e.g. 2 for a refused folder) speaks for the run:
+        # torchrun SIGTERMs the other ranks as soon as one fails, so a lower rank may
+        # show that signal although it was about to exit with the same code.
+        own = [rc for rc in codes if rc[1] > 0]
+        rank, code = (own or codes or [(0, 1)])[0]
         if code < 0:
             print(f"ckpt train: rank {rank} was killed by signal {-code}", file=sys.stderr)
             return 128 - code

@@ -314,3 +314,37 @@ def test_remove_tree_refuses_a_link_and_a_file_and_deletes_nothing(tmp_path):
     with pytest.raises(CheckpointError, match="is a file"):
         layout.remove_tree(str(tmp_path / "step-4"))
     assert (target / "data").exists() and (tmp_path / "step-4").exists()
+
+
+def _save_then_fail_on_two_ranks(rank: int, world_size: int, folder: str) -> str:
+    import torch.distributed as dist
+
+    run = Trainable(dim=32, folder=folder, interval=1)
+    run.step()
+    run.manager.save(1)
+    dist.barrier()
+    if rank == 0:
+        subprocess.run(["mount", "-o", "remount,ro", folder], check=True)
+    dist.barrier()
+    run.step()
+    try:
+        run.manager.save(2)
+    except SaveError as exc:
+        return str(exc)
+    finally:
+        run.manager.close()
+    return "saved"
+
+
+def test_a_failed_save_on_two_ranks_raises_the_same_line_on_both(small_fs):
+    from tests.core._dist import run_on_ranks
+
+    folder = small_fs("4m")
+    try:
+        messages = run_on_ranks(_save_then_fail_on_two_ranks, 2, folder, timeout=120)
+    finally:
+        small_fs.read_only(folder, on=False)
+    assert messages[0] == messages[1]
+    assert all("saving step 2" in m and "EROFS" in m for m in messages), messages
+    assert all("(step 1) is intact" in m for m in messages), messages
+    assert layout.committed_steps(folder) == [1]

@@ -3,12 +3,18 @@
 A second run on a folder in use exits 2 before step 1 naming the first (its
 pid); a run killed with SIGKILL does not block its restart; two runs started
 together leave one run's complete checkpoints; an unwritable export folder is
-found before step 1, not at the final export.
+found before step 1, not at the final export; a disk filling up mid-run stops
+the run with exit 1 and one line, the last committed step intact.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import time
+
+import pytest
 
 from tests.e2e import _train as t
 from tests.e2e.test_train_bad_input import assert_one_clear_error
@@ -40,6 +46,10 @@ def test_a_second_run_exits_2_before_step_1_and_a_killed_holder_does_not_block_a
         assert "ckpt_core.loading" not in second.stderr
         assert "parameters" not in second.stderr
         # ... so the metrics hold the first run's lines only, each step once.
+        # The same on two ranks: both refuse together and the launcher exits 2.
+        both = t.run(t.command(job, steps=LONG, nproc=2), tmp_path / "b")
+        assert both.returncode == 2, both.stderr[-3000:]
+        assert_one_clear_error(both, f"pid {first.pid} on ")
         assert first.poll() is None
         steps = [r["step"] for r in t.records(job)]
         assert len(steps) >= logged and steps == list(range(1, len(steps) + 1))
@@ -93,3 +103,24 @@ def test_an_unwritable_export_folder_exits_2_before_step_1(tmp_path):
     assert_one_clear_error(proc, "checkpoint.export.folder", "Not a directory")
     assert t.records(job) == []  # no step trained
     assert t.committed_steps(job) == []
+
+
+def test_a_disk_filling_up_mid_run_exits_1_with_one_line_and_the_last_step_intact(tmp_path):
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root and mount(8)")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    # One tiny-flavor checkpoint (weights + AdamW) is ~4.3 MB: the second one does not fit.
+    mount = ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(ckpt)]
+    if subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs is not permitted here")
+    try:
+        job = tmp_path / "job"
+        proc = t.run(t.command(job, "--checkpoint.folder", str(ckpt)), tmp_path)
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        assert_one_clear_error(proc, "saving step 6", "No space left on device (ENOSPC)")
+        assert "(step 3) is intact" in proc.stderr
+        assert t.losses(job) and max(t.losses(job)) == 6  # stopped at the failed save
+        assert sorted(p.name for p in ckpt.iterdir()) == ["step-3"]  # temp removed, lock freed
+    finally:
+        subprocess.run(["umount", "-l", str(ckpt)], capture_output=True)
