@@ -36,6 +36,7 @@ from ckpt_core.adapter import StateDictAdapter
 from ckpt_core.async_save import AsyncCheckpointer
 from ckpt_core.config import CORE_STATES, CheckpointConfig
 from ckpt_core.errors import CheckpointError, ConfigError, SaveError
+from ckpt_core.hf_native import adapter_for
 from ckpt_core.model_wrapper import ModelWrapper
 from ckpt_core.plugins import Converters
 from ckpt_core.preemption import PreemptionHandler, parse_signals, pause_before_commit
@@ -71,7 +72,8 @@ class CheckpointManager:
         self.enabled = config.enable
         self.converters = converters if converters is not None else Converters([])
         self.wrapper = ModelWrapper(model_parts, converters=self.converters)
-        self.sd_adapter = sd_adapter
+        # A transformers model needs no adapter: its names are HF's (ckpt_core.hf_native).
+        self.sd_adapter = sd_adapter if sd_adapter is not None else adapter_for(model_parts)
         self.train_state = TrainState()
         # Owned-only checkpoints (see ckpt_core.owned_only): only converter-owned model keys.
         self.keep_model_key = owned_only.model_key_filter(self.converters)
