@@ -24,7 +24,9 @@ Modes (``checkpoint.async_mode``):
 
 Each save waits for the previous one (the buffers are reused). A background
 failure is re-raised by the next save, :meth:`AsyncCheckpointer.wait` or
-:meth:`AsyncCheckpointer.close`.
+:meth:`AsyncCheckpointer.close`; a storage failure arrives as the one-line
+:class:`~ckpt_core.errors.SaveError` the manager's job raised, which the next
+save raises or logs (``checkpoint.on_save_error``).
 """
 
 from __future__ import annotations
