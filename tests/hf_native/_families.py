@@ -119,12 +119,12 @@ def run(
     return manager, opt
 
 
-def full_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, np.ndarray]:
-    """Model and optimizer state as full numpy arrays (gathered under FSDP2)."""
+def full_state(model: nn.Module, opt: torch.optim.Optimizer | None) -> dict[str, np.ndarray]:
+    """Model (and optimizer) state as full numpy arrays (gathered under FSDP2)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     options = StateDictOptions(full_state_dict=True, flatten_optimizer_state_dict=True)
-    model_sd, optim_sd = get_state_dict(model, opt, options=options)
+    model_sd, optim_sd = get_state_dict(model, opt or [], options=options)
     out = {f"model.{k}": v for k, v in model_sd.items()}
     out.update({f"optimizer.{k}": v for k, v in optim_sd.items()})
     return {
