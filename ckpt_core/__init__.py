@@ -24,11 +24,13 @@ from ckpt_core.plugins import Converters
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from ckpt_core.hf_native import HFNativeAdapter
     from ckpt_core.manager import CheckpointManager
     from ckpt_core.transforms import StateDictTransforms
 
 _LAZY = {
     "CheckpointManager": "ckpt_core.manager",
+    "HFNativeAdapter": "ckpt_core.hf_native",
     "StateDictTransforms": "ckpt_core.transforms",
 }
 
@@ -54,6 +56,7 @@ __all__ = [
     "ConvertersConfig",
     "DamagedCheckpointError",
     "FolderLockedError",
+    "HFNativeAdapter",
     "ModelWrapper",
     "PluginError",
     "PreflightError",

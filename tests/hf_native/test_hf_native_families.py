@@ -108,8 +108,9 @@ def test_compiled_model_gets_the_adapter_and_canonical_names(tmp_path):
 
 
 def test_explicit_adapter_from_model_and_a_plain_module_refused():
+    from ckpt_core import HFNativeAdapter
     from ckpt_core.errors import ConfigError
-    from ckpt_core.hf_native import HFNativeAdapter, adapter_for
+    from ckpt_core.hf_native import adapter_for
 
     adapter = HFNativeAdapter.from_model(f.build("llama"))
     assert adapter.tied == {} and adapter.update_hf_config({"dtype": "bfloat16"})["dtype"] == (
