@@ -171,9 +171,12 @@ class HFNativeAdapter(StateDictAdapter):
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> HFNativeAdapter:
-        """The adapter for a ``config.json`` dict; tied when ``tie_word_embeddings`` says so."""
-        tied = {"lm_head.weight": "model.embed_tokens.weight"}
-        return cls(config, tied if config.get("tie_word_embeddings") else None)
+        """The adapter for a ``config.json`` dict (offline tools; imports transformers).
+
+        The tied names come from the model transformers builds for it, on the
+        meta device (nothing allocated), so they hold for any architecture.
+        """
+        return cls(config, tied_names(build_model(config, device="meta")))
 
     # -- StateDictAdapter -------------------------------------------------------
 

@@ -117,5 +117,8 @@ def test_explicit_adapter_from_model_and_a_plain_module_refused():
         "bfloat16"
     )
     assert adapter_for(torch.nn.Linear(2, 2)) is None
+    offline = HFNativeAdapter.from_hf_config(HFNativeAdapter.from_model(f.build("gemma3")).config)
+    assert offline.tied == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert HFNativeAdapter.from_hf_config(adapter.config).tied == {}
     with pytest.raises(ConfigError, match="Linear is not a transformers PreTrainedModel"):
         HFNativeAdapter.from_model(torch.nn.Linear(2, 2))
