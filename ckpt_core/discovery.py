@@ -1,17 +1,20 @@
-"""Entry-point discovery of converters.
+"""Entry-point discovery of converters (and the scan model families share).
 
 Listing reads installed distributions' metadata only; a converter's module is
-imported by :func:`load_converter_class`, i.e. only when a run enables it.
+imported by :meth:`ConverterEntry.load`, i.e. only when a run enables it.
 ``CKPT_DISABLE_PLUGIN_AUTOLOAD=1`` turns discovery off; classes can then be
 added with :func:`register_converter_class` or passed to ``Converters`` by hand.
+Model families (:mod:`ckpt_core.adapters`) are found by :func:`scan_entry_points`
+in their own group, under the same rules.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any
+from typing import Any, TypeVar
 
 from ckpt_core.errors import PluginError
 from ckpt_core.hookspecs import ENTRY_POINT_GROUP
@@ -22,32 +25,41 @@ _manual: dict[str, type] = {}
 
 
 @dataclass(frozen=True)
-class ConverterEntry:
-    """One discovered converter, not yet imported."""
+class PluginEntry:
+    """One discovered entry point (a converter, a model family), not yet imported."""
 
     name: str
-    value: str  # "module:Class"
+    value: str  # "module:attribute"
     distribution: str
     version: str
     entry_point: metadata.EntryPoint | None = None
     #: Set when two distributions claim this name: the error ``load`` raises.
     conflict: str | None = None
 
-    def load(self) -> type:
-        """Import the converter class, wrapping failures in a :class:`PluginError`."""
+    def _import(self, noun: str, remedy: str) -> Any:
+        """The entry point's target; a conflict or any import failure is a :class:`PluginError`
+        naming ``noun``, the distribution, and ``remedy``."""
         if self.conflict is not None:
             raise PluginError(self.conflict)
-        if self.entry_point is None:
-            return _manual[self.name]
         try:
-            cls = self.entry_point.load()
+            return self.entry_point.load()
         except Exception as exc:  # noqa: BLE001 - any import failure is the plugin's
             raise PluginError(
-                f"Converter {self.name!r} from distribution {self.distribution!r} "
+                f"{noun} {self.name!r} from distribution {self.distribution!r} "
                 f"({self.value}) failed to import: {type(exc).__name__}: {exc}. "
-                f"Fix or reinstall {self.distribution!r}, or remove {self.name!r} "
-                "from converters.enabled."
+                f"Fix or reinstall {self.distribution!r}{remedy}."
             ) from exc
+
+
+class ConverterEntry(PluginEntry):
+    """One discovered converter, not yet imported."""
+
+    def load(self) -> type:
+        """Import the converter class, wrapping failures in a :class:`PluginError`."""
+        if self.entry_point is None and self.conflict is None:
+            return _manual[self.name]
+        remedy = f", or remove {self.name!r} from converters.enabled"
+        cls = self._import("Converter", remedy)
         validate_converter_class(cls, self.name, self.distribution)
         return cls
 
@@ -76,29 +88,46 @@ def discover_converters() -> dict[str, ConverterEntry]:
     run that enables it, ``ckpt plugins``) raises a :class:`PluginError` naming
     both; runs that do not enable it are unaffected.
     """
-    found: dict[str, ConverterEntry] = {}
-    if not autoload_disabled():
-        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-            dist = ep.dist.name if ep.dist is not None else "<unknown>"
-            version = ep.dist.version if ep.dist is not None else "?"
-            entry = ConverterEntry(ep.name, ep.value, dist, version, ep)
-            prior = found.get(ep.name)
-            if prior is not None and (prior.distribution, prior.value) != (dist, ep.value):
-                entry = ConverterEntry(
-                    ep.name,
-                    f"{prior.value} | {ep.value}",
-                    f"{prior.distribution}, {dist}",
-                    f"{prior.version}, {version}",
-                    conflict=(
-                        f"Converter name {ep.name!r} is claimed by two distributions: "
-                        f"{prior.distribution!r} ({prior.value}) and {dist!r} ({ep.value}). "
-                        "Uninstall one of them."
-                    ),
-                )
-            found[ep.name] = entry
+    found = scan_entry_points(ENTRY_POINT_GROUP, "Converter", ConverterEntry)
     for name, cls in _manual.items():
         found.setdefault(
             name, ConverterEntry(name, f"{cls.__module__}:{cls.__qualname__}", "<manual>", "-")
+        )
+    return found
+
+
+E = TypeVar("E")
+
+
+def scan_entry_points(group: str, noun: str, make: Callable[..., E]) -> dict[str, E]:
+    """Entries of entry-point ``group`` by name, none imported; ``{}`` when autoload is off.
+
+    ``make(name, value, distribution, version, entry_point, conflict=None)``
+    builds one entry. A name two distributions claim gets one entry whose
+    ``conflict`` is the error naming both (``noun`` starts it: "Converter name
+    'x' is claimed by two distributions ..."), raised only when it is loaded.
+    """
+    found: dict[str, E] = {}
+    if autoload_disabled():
+        return found
+    first: dict[str, tuple[str, str, str]] = {}
+    for ep in metadata.entry_points(group=group):
+        dist = ep.dist.name if ep.dist is not None else "<unknown>"
+        version = ep.dist.version if ep.dist is not None else "?"
+        prior = first.setdefault(ep.name, (dist, ep.value, version))
+        if prior[:2] == (dist, ep.value):
+            found.setdefault(ep.name, make(ep.name, ep.value, dist, version, ep))
+            continue
+        found[ep.name] = make(
+            ep.name,
+            f"{prior[1]} | {ep.value}",
+            f"{prior[0]}, {dist}",
+            f"{prior[2]}, {version}",
+            None,
+            conflict=(
+                f"{noun} name {ep.name!r} is claimed by two distributions: "
+                f"{prior[0]!r} ({prior[1]}) and {dist!r} ({ep.value}). Uninstall one of them."
+            ),
         )
     return found
 

@@ -20,7 +20,7 @@ class ConfigError(CkptError, ValueError):
 
 
 class PluginError(CkptError):
-    """A converter plugin is missing, broken or misbehaving."""
+    """A plugin (a converter or a model family) is missing, broken or misbehaving."""
 
 
 class CheckpointError(CkptError):

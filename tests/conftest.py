@@ -15,21 +15,27 @@ def fake_dist(tmp_path, monkeypatch):
 
     ``fake_dist("dist-name", {"conv": "mod:Class"}, {"mod": "source"})`` writes
     ``mod.py`` and a ``dist_name-0.1.dist-info`` folder that importlib.metadata
-    discovers exactly as it discovers pip-installed distributions.
+    discovers exactly as it discovers pip-installed distributions. ``group``
+    picks the entry-point group (converters by default).
     """
     root = tmp_path / "site"
     root.mkdir(exist_ok=True)
     monkeypatch.syspath_prepend(str(root))
     created: list[str] = []
 
-    def make(dist: str, entry_points: dict[str, str], modules: dict[str, str] | None = None):
+    def make(
+        dist: str,
+        entry_points: dict[str, str],
+        modules: dict[str, str] | None = None,
+        group: str = "ckpt_core.converters",
+    ):
         for mod, source in (modules or {}).items():
             (root / f"{mod}.py").write_text(textwrap.dedent(source))
             created.append(mod)
         info = root / f"{dist.replace('-', '_')}-0.1.dist-info"
         info.mkdir()
         (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
-        lines = ["[ckpt_core.converters]"] + [f"{k} = {v}" for k, v in entry_points.items()]
+        lines = [f"[{group}]"] + [f"{k} = {v}" for k, v in entry_points.items()]
         (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
         return info
 

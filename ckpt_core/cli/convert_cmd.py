@@ -207,11 +207,12 @@ def _check_size(family, config, folder: str, kind: str, model: str | None, recor
     """Refuse declared sizes that are malformed or that the source's data cannot hold.
 
     Runs before the model is built: the config's size fields are checked
-    (:func:`~ckpt_core.reference.hf_config.check_sizes`), then the parameters of
+    (:func:`~ckpt_core.hf_config_checks.check_sizes`, then the family's own
+    ``check_config`` when it has one), then the parameters of
     the model built on the ``meta`` device (no memory) are compared with the
     bytes of the source's files; each parameter takes at least one stored byte.
     """
-    from ckpt_core.reference.hf_config import check_sizes
+    from ckpt_core.hf_config_checks import check_sizes
     from ckpt_core.storage import layout
 
     if model is not None:
@@ -220,8 +221,10 @@ def _check_size(family, config, folder: str, kind: str, model: str | None, recor
         source = layout.join(folder, "config.json")
     else:
         source = f"the 'model' entry of {layout.join(folder, 'manifest.json')}"
-    # The reference family reads these fields by these names; others may name them otherwise.
-    check_sizes(config, source=source, required=family.name == "llama")
+    # Bounds of the fields present; which fields a config needs is its family's to say.
+    check_sizes(config, source=source, required=False)
+    if family.check_config is not None:
+        family.check_config(config, source=source)
     if layout.is_uri(folder) or (kind == "dcp" and (recorded or {}).get("base")):
         return  # remote, or the weights live in the recorded base: nothing local to compare
     meta = family.build_model(config, device="meta")

@@ -46,14 +46,18 @@ def resolve_source(src: str, step: int | None) -> tuple[str, str]:
 
 
 def architecture(folder: str, kind: str, model_arg: str | None, manifest: dict | None):
-    """``(model family, HF config dict)`` of the source."""
-    from ckpt_core.adapters import family_for_hf_config, model_family
+    """``(model family, HF config dict)`` of the source.
+
+    From ``--model`` (a family's flavor or an HF config path), else an HF
+    source's ``config.json`` (its ``model_type``), else the manifest's ``model``
+    entry (the family's name and config); families are plugins (:mod:`ckpt_core.adapters`).
+    """
+    from ckpt_core.adapters import family_for_hf_config, family_for_model, model_family
     from ckpt_core.errors import CheckpointError
-    from ckpt_core.reference import LlamaStateDictAdapter, model_args, read_hf_config
+    from ckpt_core.storage.hf_config_file import read_hf_config
 
     if model_arg is not None:
-        config = LlamaStateDictAdapter(model_args(model_arg)).hf_config()
-        return model_family("llama"), config
+        return family_for_model(model_arg)
     if kind == "hf":
         config = read_hf_config(folder)
         return family_for_hf_config(config), config
@@ -72,9 +76,9 @@ def source_float_dtype(folder: str, kind: str) -> str | None:
 
     dtypes = set()
     if kind == "dcp":
-        from ckpt_core.storage.dcp_io import storage_reader
+        from ckpt_core.storage.safe_metadata import read_metadata
 
-        meta = storage_reader(folder).read_metadata()
+        meta = read_metadata(folder)
         for key, item in meta.state_dict_metadata.items():
             props = getattr(item, "properties", None)
             if key.startswith("model.") and props is not None and is_castable(props.dtype):
@@ -129,14 +133,12 @@ def _load_dcp(wrapper, folder: str, *, keep, strict: bool) -> None:
 
     With ``strict``, a model key the checkpoint lacks is an error naming it.
     """
-    import torch.distributed.checkpoint as dcp
-
     from ckpt_core.errors import CheckpointError
     from ckpt_core.exporter import single_process_quiet
-    from ckpt_core.storage.dcp_io import storage_reader
-    from ckpt_core.storage.safe_metadata import read_metadata
+    from ckpt_core.storage.safe_metadata import read_metadata, safe_load
 
-    saved = read_metadata(folder).state_dict_metadata
+    metadata = read_metadata(folder)
+    saved = metadata.state_dict_metadata
     full = wrapper.state_dict("full")
     state = {k: v for k, v in full.items() if keep is None or keep(k)}
     missing = sorted(k for k in state if f"model.{k}" not in saved)
@@ -163,7 +165,7 @@ def _load_dcp(wrapper, folder: str, *, keep, strict: bool) -> None:
         )
     state = {k: v for k, v in state.items() if k not in missing}
     with single_process_quiet():
-        dcp.load({"model": state}, storage_reader=storage_reader(folder))
+        safe_load({"model": state}, folder, metadata=metadata)
     wrapper.load_state_dict(state, strict=False)
 
 

@@ -1,4 +1,10 @@
-"""``ckpt plugins``: the discovered converters, their distributions and options."""
+"""``ckpt plugins``: the discovered converters and model families, with their distributions.
+
+Converters are listed with their options; model families with the HF
+``model_type`` values they read and their flavors. An entry that fails to load
+(import error, bad shape, a name two distributions claim) gets its own line and
+makes the command exit 1; the others are listed as usual.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import json
 import typing
 from typing import Any
 
-HELP = "list discovered converters with their options"
+HELP = "list discovered converters (with their options) and model families"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,24 +80,61 @@ def collect() -> list[dict[str, Any]]:
     return records
 
 
+def collect_families() -> list[dict[str, Any]]:
+    """One record per discovered model family; load failures are recorded, not raised."""
+    from ckpt_core.adapters import installed_families
+
+    records = []
+    for entry, family, error in installed_families():
+        rec: dict[str, Any] = {
+            "name": entry.name,
+            "distribution": entry.distribution,
+            "version": entry.version,
+            "value": entry.value,
+        }
+        if family is None:
+            rec["error"] = error
+        else:
+            rec["model_types"] = list(family.model_types)
+            rec["flavors"] = list(family.flavors)
+        records.append(rec)
+    return records
+
+
 def run(args: argparse.Namespace, extra: list[str]) -> int:
-    """Print the converters; exit 1 when one fails to import."""
-    records = collect()
+    """Print the converters and model families; exit 1 when one fails to load."""
+    records, families = collect(), collect_families()
     if args.json:
-        print(json.dumps(records, indent=2))
+        print(json.dumps({"converters": records, "model_families": families}, indent=2))
     else:
-        if not records:
-            print("No converters found (is CKPT_DISABLE_PLUGIN_AUTOLOAD set?).")
-        for rec in records:
-            print(f"{rec['name']}  ({rec['distribution']} {rec['version']})  {rec['value']}")
-            if "error" in rec:
-                print(f"    ERROR: {rec['error']}")
-                continue
-            if rec.get("runs_after"):
-                print(f"    comes after: {', '.join(rec['runs_after'])}")
-            for opt in rec["options"]:
-                print(
-                    f"    {opt['name']}: {opt['type']} = {json.dumps(opt['default'])}"
-                    f"    {opt['description']}"
-                )
-    return 1 if any("error" in r for r in records) else 0
+        _print_section("Converters", records, _converter_lines)
+        _print_section("Model families", families, _family_lines)
+    return 1 if any("error" in r for r in records + families) else 0
+
+
+def _print_section(title: str, records: list[dict[str, Any]], details: Any) -> None:
+    """A title, then per record its header line and either its error or ``details(rec)``."""
+    print(f"{title}:")
+    if not records:
+        print("  none found (is CKPT_DISABLE_PLUGIN_AUTOLOAD set?)")
+    for rec in records:
+        print(f"{rec['name']}  ({rec['distribution']} {rec['version']})  {rec['value']}")
+        lines = [f"ERROR: {rec['error']}"] if "error" in rec else details(rec)
+        for line in lines:
+            print(f"    {line}")
+
+
+def _converter_lines(rec: dict[str, Any]) -> list[str]:
+    lines = [f"comes after: {', '.join(rec['runs_after'])}"] if rec.get("runs_after") else []
+    for opt in rec["options"]:
+        lines.append(
+            f"{opt['name']}: {opt['type']} = {json.dumps(opt['default'])}    {opt['description']}"
+        )
+    return lines
+
+
+def _family_lines(rec: dict[str, Any]) -> list[str]:
+    lines = [f"reads model_type: {', '.join(rec['model_types']) or '-'}"]
+    if rec["flavors"]:
+        lines.append(f"flavors: {', '.join(rec['flavors'])}")
+    return lines

@@ -7,12 +7,22 @@ the scaling, ``dtype``) and reads both that and the older form (top-level
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 from ckpt_core.errors import ConfigError
+from ckpt_core.hf_config_checks import SIZE_FIELDS, check_sizes
+from ckpt_core.hf_config_checks import damaged_config as _damaged
 from ckpt_core.reference.model import ModelArgs
+from ckpt_core.storage.hf_config_file import is_hf_path, read_hf_config
+
+__all__ = [
+    "SIZE_FIELDS",
+    "check_sizes",
+    "from_hf_config",
+    "is_hf_path",
+    "read_hf_config",
+    "to_hf_config",
+]
 
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -71,8 +81,20 @@ def to_hf_config(args: ModelArgs, dtype: str | None = None) -> dict[str, Any]:
     return config
 
 
-def from_hf_config(config: dict[str, Any]) -> ModelArgs:
-    """``ModelArgs`` from a Llama ``config.json`` dict; unsupported features are errors."""
+def _number(rope: dict[str, Any], key: str, source: str) -> float:
+    value = rope[key]
+    if type(value) not in (int, float) or not 0 < value < float("inf"):
+        raise _damaged(source, f"rope parameter {key} is {value!r}; it must be a positive number")
+    return float(value)
+
+
+def from_hf_config(config: dict[str, Any], *, source: str = "config.json") -> ModelArgs:
+    """``ModelArgs`` from a Llama ``config.json`` dict; unsupported features are errors.
+
+    Malformed fields (:func:`check_sizes`) are a :class:`DamagedCheckpointError`
+    naming ``source``; valid features the reference Llama lacks are a :class:`ConfigError`.
+    """
+    check_sizes(config, source=source)
     model_type = config.get("model_type", "llama")
     if model_type != "llama":
         raise ConfigError(
@@ -84,7 +106,12 @@ def from_hf_config(config: dict[str, Any]) -> ModelArgs:
     act = config.get("hidden_act", "silu")
     if act != "silu":
         raise ConfigError(f"config.json hidden_act is {act!r}; the reference Llama uses 'silu'.")
-    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise _damaged(source, f"rope parameters are {rope!r}, not an object")
+    rope = dict(rope)
+    if "rope_theta" in rope:
+        _number(rope, "rope_theta", source)
     theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     scaling = None
@@ -92,10 +119,14 @@ def from_hf_config(config: dict[str, Any]) -> ModelArgs:
         missing = [k for k in LLAMA3_KEYS if k not in rope and k != LLAMA3_KEYS[3]]
         if missing:
             raise ConfigError(f"config.json rope parameters of type 'llama3' lack {missing}.")
-        scaling = {k: rope[k] for k in LLAMA3_KEYS[:3]}
+        scaling = {k: _number(rope, k, source) for k in LLAMA3_KEYS[:3]}
         scaling[LLAMA3_KEYS[3]] = rope.get(
             LLAMA3_KEYS[3], config.get("max_position_embeddings", 2048)
         )
+        if rope.get(LLAMA3_KEYS[3]) is not None:
+            _number(rope, LLAMA3_KEYS[3], source)
+        if scaling["low_freq_factor"] == scaling["high_freq_factor"]:
+            raise _damaged(source, "rope low_freq_factor equals high_freq_factor")
     elif rope_type != "default":
         raise ConfigError(
             f"config.json rope_type {rope_type!r} is not supported; allowed: 'default', 'llama3'."
@@ -117,26 +148,3 @@ def from_hf_config(config: dict[str, Any]) -> ModelArgs:
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         extra_hf_config=extra,
     )
-
-
-def read_hf_config(path: str) -> dict[str, Any]:
-    """Read ``config.json`` from an HF folder, or a config file given directly."""
-    from ckpt_core.storage import layout
-
-    file = path if path.endswith(".json") else layout.join(path, "config.json")
-    fs, inner = layout.filesystem(file)
-    try:
-        if fs is None:
-            with open(inner, encoding="utf-8") as f:
-                return json.load(f)
-        with fs.open(inner, "r") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(
-            f"{file} does not exist; expected a Hugging Face model folder with config.json."
-        ) from None
-
-
-def is_hf_path(path: str) -> bool:
-    """Whether ``path`` looks like an HF folder or config file (not a flavor name)."""
-    return path.endswith(".json") or os.sep in path or "://" in path or os.path.isdir(path)

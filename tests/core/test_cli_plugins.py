@@ -9,7 +9,7 @@ from ckpt_core.cli.main import main
 
 def test_ckpt_plugins_lists_bundled_converters_with_options(capsys):
     assert main(["plugins", "--json"]) == 0
-    records = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    records = {r["name"]: r for r in json.loads(capsys.readouterr().out)["converters"]}
     assert {"lora", "qat", "float8"} <= set(records)
     assert records["lora"]["distribution"] == "ckpt-plugins-lora"
     rank = next(o for o in records["lora"]["options"] if o["name"] == "rank")

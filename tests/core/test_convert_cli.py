@@ -338,7 +338,7 @@ def test_a_registered_model_family_is_picked_from_config_json_and_the_manifest(
 
     from ckpt_core import adapters
 
-    monkeypatch.setattr(adapters, "_FAMILIES", dict(adapters._FAMILIES))
+    monkeypatch.setattr(adapters, "_manual", {})  # forget it after the test
 
     class MyAdapter(LlamaStateDictAdapter):
         registry_name = "my-llama"
@@ -350,7 +350,10 @@ def test_a_registered_model_family_is_picked_from_config_json_and_the_manifest(
     config_file = tmp_path / "hf" / "config.json"
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "model_type": "my"}))
     assert _convert(tmp_path / "hf", tmp_path / "dcp", "--to", "dcp") == 2
-    assert "model_type 'my' has no registered model family; known: llama" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "model_type 'my' has no installed model family" in err
+    assert "Installed: llama from ckpt-core reads llama" in err
+    assert "docs/writing-model-families.md" in err
 
     adapters.register_model_family(
         adapters.ModelFamily(

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from tests.conftest import REPO_ROOT
-
-EXAMPLE = REPO_ROOT / "docs" / "examples" / "ckpt-example-ema"
+from tests.core._examples import example_env, pip_install_example
 
 CHECK = textwrap.dedent(
     """
@@ -46,32 +42,11 @@ CHECK = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def installed_example(tmp_path_factory):
-    target = tmp_path_factory.mktemp("site")
-    # Build from a copy: an in-tree build would leave build/ and *.egg-info in docs/examples.
-    source = tmp_path_factory.mktemp("src") / EXAMPLE.name
-    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(target),
-            str(source),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return target
+    return pip_install_example("ckpt-example-ema", tmp_path_factory)
 
 
 def test_pip_installed_example_converter_is_listed_and_composed(installed_example, tmp_path):
-    env = dict(os.environ, PYTHONPATH=f"{installed_example}{os.pathsep}{REPO_ROOT}")
-    env.pop("CKPT_DISABLE_PLUGIN_AUTOLOAD", None)
+    env = example_env(installed_example)
     out = subprocess.run(
         [sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, cwd=tmp_path
     )
