@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ckpt_core.adapter import StateDictAdapter
-from ckpt_core.errors import CheckpointError, ConfigError
+from ckpt_core.errors import CheckpointError, ConfigError, DamagedCheckpointError
 from ckpt_core.plugins import Converters
 from ckpt_core.storage import layout
 from ckpt_core.transforms import StateDictTransforms, parse_dtype
@@ -266,6 +266,7 @@ def load_additional(
     folder = path
     if adapter.subfolder and layout.exists(layout.join(path, adapter.subfolder)):
         folder = layout.join(path, adapter.subfolder)
+        _check_subfolder(path, folder, converter)
     from ckpt_core.storage.hf_reader import index_folder
 
     adapter.check_source(folder)
@@ -305,3 +306,15 @@ def load_additional(
     if not names:
         logger.warning("additional load of %r: the model has no keys it owns", converter)
     return missing
+
+
+def _check_subfolder(path: str, folder: str, converter: str) -> None:
+    """Refuse a converter subfolder that is not a folder inside ``path`` (a symlink out)."""
+    if layout.is_uri(path):
+        return  # object stores have no symlinks
+    root, real = os.path.realpath(path), os.path.realpath(folder)
+    if os.path.commonpath([root, real]) != root or not os.path.isdir(real):
+        raise DamagedCheckpointError(
+            f"additional load of {converter!r}: {folder} leads to {real}, which is not a "
+            f"folder inside {root}; the export is damaged or was crafted: do not load it."
+        )

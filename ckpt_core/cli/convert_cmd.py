@@ -139,6 +139,7 @@ def convert(
         resolve_source,
         source_float_dtype,
     )
+    from ckpt_core.cli.failures import unwrap
     from ckpt_core.errors import CheckpointError
     from ckpt_core.exporter import write_export
     from ckpt_core.model_wrapper import ModelWrapper
@@ -184,8 +185,11 @@ def convert(
                 on_total=(lambda n: bar.update(task, total=n)) if bar is not None else None,
                 progress=(lambda n: bar.advance(task, n)) if bar is not None else None,
             )
-        except BaseException:
+        except BaseException as exc:
             convert_dest.discard(target, overwrite=overwrite)
+            cause = unwrap(exc)  # DCP wraps a failed write in its CheckpointException
+            if isinstance(cause, OSError) and cause.filename is None:  # a write(2) names no path
+                raise OSError(cause.errno, cause.strerror, dst) from exc
             raise
     if overwrite:
         convert_dest.replace(target, dst)

@@ -18,14 +18,26 @@ from ckpt_core.reference.model import ModelArgs, Transformer, rope_inv_freq
 
 
 def model_args(name_or_path: str | dict[str, Any] | ModelArgs) -> ModelArgs:
-    """Arguments for a flavor name, an HF folder / config.json path or a config dict."""
+    """Arguments for a flavor name, an HF folder / config.json path or a config dict.
+
+    A folder's ``config.json`` is checked against its weights before anything is
+    built (:func:`ckpt_core.storage.hf_reader.check_fits`).
+    """
     if isinstance(name_or_path, ModelArgs):
         return name_or_path
     if isinstance(name_or_path, dict):
         return from_hf_config(name_or_path)
     if name_or_path in FLAVORS or not is_hf_path(name_or_path):
         return flavor_args(name_or_path)
-    return from_hf_config(read_hf_config(name_or_path))
+    if name_or_path.endswith(".json"):
+        return from_hf_config(read_hf_config(name_or_path), source=name_or_path)
+    from ckpt_core.storage import hf_reader, layout
+
+    source = layout.join(name_or_path, "config.json")
+    args = from_hf_config(read_hf_config(name_or_path), source=source)
+    if not layout.is_uri(name_or_path):  # the folder's weights must be able to hold the model
+        hf_reader.check_fits(args.num_params(), name_or_path, what=source)
+    return args
 
 
 def build_model(

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ckpt_core.adapter import StateDictAdapter
-from ckpt_core.errors import CheckpointError
+from ckpt_core.errors import CheckpointError, DamagedCheckpointError
 from ckpt_plugins_lora.layers import LORA_A, LORA_B
 
 PEFT_PREFIX = "base_model.model."
@@ -163,19 +163,28 @@ class PeftLoraAdapter(StateDictAdapter):
         """Refuse a PEFT adapter whose ``r``/``lora_alpha`` differ from the converter's.
 
         A different rank would fail on shapes anyway; a different alpha would
-        load silently and scale every update wrongly.
+        load silently and scale every update wrongly. ``adapter_config.json``
+        must be a regular file inside ``folder`` holding a JSON object whose
+        ``r`` and ``lora_alpha`` are positive numbers; else a one-line
+        :class:`DamagedCheckpointError`. The weights go through the HF reader's
+        own checks (:mod:`ckpt_core.storage.hf_reader`).
         """
-        from ckpt_core.storage import layout
+        from ckpt_core.storage import hf_reader, layout
 
         path = layout.join(folder, ADAPTER_CONFIG)
         if not layout.exists(path):
             return  # bare safetensors: nothing to compare against
-        fs, inner = layout.filesystem(path)
-        with open(inner) if fs is None else fs.open(inner) as handle:
-            source = json.load(handle)
+        source = hf_reader.read_json_object(folder, ADAPTER_CONFIG)
         for field, option, ours in (("r", "rank", self.rank), ("lora_alpha", "alpha", self.alpha)):
             theirs = source.get(field)
-            if theirs is not None and float(theirs) != float(ours):
+            if theirs is None:
+                continue
+            if type(theirs) not in (int, float) or not 0 < theirs < float("inf"):
+                raise DamagedCheckpointError(
+                    f"PEFT adapter {path} has {field} = {theirs!r}; it must be a positive "
+                    "number. The adapter is damaged."
+                )
+            if float(theirs) != float(ours):
                 raise CheckpointError(
                     f"PEFT adapter {path} has {field} = {theirs}, but converters.lora option "
                     f"{option!r} is {ours}. Set [converters.lora] {option} = {theirs} to "
