@@ -29,6 +29,8 @@ SUBCOMMANDS = {
     "selftest": "ckpt_core.cli.selftest_cmd",
 }
 
+DEBUG_HELP = "show the traceback of a failure (also: environment variable CKPT_DEBUG=1)"
+
 # Subcommands whose unknown options are passed through (config overrides).
 PASSTHROUGH = {"train"}
 
@@ -39,11 +41,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
         prog="ckpt", description="Checkpoints for PyTorch distributed training."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument(
-        "--debug",
-        action="store_true",
-        help="show the traceback of a failure (also: environment variable CKPT_DEBUG=1)",
-    )
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules: dict[str, object] = {}
     for name, module_name in SUBCOMMANDS.items():
@@ -56,6 +54,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
         modules[name] = module
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
+        # Also after the subcommand (``ckpt convert A B --debug``); unset, the top level's holds.
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser, modules
 
 
