@@ -100,6 +100,9 @@ def from_hf_config(config: dict[str, Any], *, source: str = "config.json") -> Mo
         raise ConfigError(
             f"config.json model_type is {model_type!r}; the reference model reads 'llama' only."
         )
+    for flag in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
+        if config.get(flag) is not None and not isinstance(config[flag], bool):
+            raise _damaged(source, f"{flag} is {config[flag]!r}; it must be true or false")
     for flag in ("attention_bias", "mlp_bias"):
         if config.get(flag):
             raise ConfigError(f"config.json {flag}=true is not supported by the reference Llama.")
@@ -145,6 +148,6 @@ def from_hf_config(config: dict[str, Any], *, source: str = "config.json") -> Mo
         rope_theta=float(theta),
         rope_scaling=scaling,
         max_seq_len=config.get("max_position_embeddings", 2048),
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        tie_word_embeddings=config.get("tie_word_embeddings") or False,
         extra_hf_config=extra,
     )

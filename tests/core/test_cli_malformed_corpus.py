@@ -125,6 +125,22 @@ CASES: dict[str, tuple[str, Callable]] = {
         "hf",
         lambda f: _rewrite_json(f / "config.json", lambda d: {**d, "hidden_size": None}),
     ),
+    "hf-config-quantization-a-list": (
+        "hf",
+        lambda f: _rewrite_json(f / "config.json", _set("quantization_config", [1])),
+    ),
+    "hf-config-model-type-a-list": (
+        "hf",
+        lambda f: _rewrite_json(f / "config.json", _set("model_type", ["llama"])),
+    ),
+    "hf-config-rope-a-string": (
+        "hf",
+        lambda f: _rewrite_json(f / "config.json", _set("rope_parameters", "llama3")),
+    ),
+    "hf-config-tie-a-string": (
+        "hf",
+        lambda f: _rewrite_json(f / "config.json", _set("tie_word_embeddings", "no")),
+    ),
     "hf-config-a-folder": (
         "hf",
         lambda f: (os.remove(f / "config.json"), os.mkdir(f / "config.json")),
@@ -197,14 +213,24 @@ _INSPECT_SAFETENSORS = (
     "inspect_cmd.describe_safetensors calls safe_open directly: SafetensorError escapes as an "
     "internal error (storage.hf_reader.open_safetensors makes it one line)"
 )
+_QUANTIZATION_CONFIG = (
+    "convert_source.hf_load_format calls .get on quantization_config without checking that "
+    "it is an object: AttributeError escapes as an internal error"
+)
 KNOWN: dict[tuple[str, str], str] = {
-    (case, "inspect"): _INSPECT_SAFETENSORS
-    for case in (
-        "hf-truncated-safetensors",
-        "hf-header-length",
-        "hf-garbage-safetensors",
-        "hf-empty-safetensors",
-    )
+    **{
+        (case, "inspect"): _INSPECT_SAFETENSORS
+        for case in (
+            "hf-truncated-safetensors",
+            "hf-header-length",
+            "hf-garbage-safetensors",
+            "hf-empty-safetensors",
+        )
+    },
+    **{
+        ("hf-config-quantization-a-list", command): _QUANTIZATION_CONFIG
+        for command in ("convert-hf", "convert-dcp")
+    },
 }
 
 
@@ -213,6 +239,7 @@ CONVERT_MAY_SUCCEED = {"ckpt-tmp-step-symlink", "ckpt-step-symlink-out"}
 #: Cases that are the user's wrong input (exit 2), not damaged data (exit 1).
 BAD_INPUT = {
     "hf-no-weights": 2,
+    "hf-config-model-type-a-list": 2,  # no family reads model_type ['llama']: unsupported
     "ckpt-step-is-a-file": 2,
     "empty-folder": 2,
     "a-file-not-a-folder": 2,

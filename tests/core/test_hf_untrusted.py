@@ -121,6 +121,27 @@ def test_an_index_naming_a_fifo_is_refused_without_opening_it(hf):
         writer.wait()
 
 
+def test_the_managers_initial_load_refuses_an_index_naming_a_file_outside(hf, outside, tmp_path):
+    from ckpt_core import CheckpointConfig, CheckpointManager
+
+    weight_map = dict.fromkeys(_names(hf), "model.safetensors")
+    weight_map["model.norm.weight"] = str(outside)
+    _index(hf, weight_map)
+    model = build_model({**json.loads((hf / "config.json").read_text()), "model_type": "llama"})
+    config = CheckpointConfig(
+        folder=str(tmp_path / "ckpt"),
+        initial_load={"path": str(hf), "format": "hf"},
+        export={"enable": False},
+    )
+    manager = CheckpointManager(config, model, sd_adapter=LlamaStateDictAdapter(model.args))
+    try:
+        with pytest.raises(DamagedCheckpointError, match="absolute path"):
+            manager.load()
+    finally:
+        manager.close()
+    assert not torch.equal(model.norm.weight, torch.full((64,), 7.0))
+
+
 def test_a_hub_cache_snapshot_whose_files_link_into_its_blobs_loads(hf, tmp_path):
     repo = tmp_path / "models--org--tiny"
     (repo / "blobs").mkdir(parents=True)
@@ -277,9 +298,21 @@ def _edit_config(folder, **changes):
         ),
         ({"rms_norm_eps": "tiny"}, "rms_norm_eps is 'tiny'"),
         ({"rope_parameters": [1]}, "rope parameters are [1]"),
+        ({"tie_word_embeddings": "no"}, "tie_word_embeddings is 'no'"),
         ({"tie_word_embeddings": None, "intermediate_size": True}, "intermediate_size is True"),
     ],
-    ids=["string", "missing", "zero", "negative", "kv-heads", "heads", "eps", "rope", "bool"],
+    ids=[
+        "string",
+        "missing",
+        "zero",
+        "negative",
+        "kv-heads",
+        "heads",
+        "eps",
+        "rope",
+        "tie",
+        "bool",
+    ],
 )
 def test_a_malformed_config_is_one_line_naming_the_file_and_field(hf, change, fragment):
     _edit_config(hf, **change)
