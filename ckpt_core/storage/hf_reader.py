@@ -236,8 +236,8 @@ def check_fits(num_params: int, path: str, *, what: str) -> None:
         raise DamagedCheckpointError(
             f"{what} describes a model of {num_params:,} parameters (at least {num_params:,} "
             f"bytes even in 8 bits), but the safetensors files of {path} hold only {held:,} "
-            "bytes; its config.json does not belong to these weights (or was crafted). "
-            "Nothing was allocated."
+            "bytes: the config does not belong to these weights, was crafted, or describes "
+            "weights packed below 8 bits (not read). Nothing was allocated."
         )
 
 
