@@ -17,7 +17,9 @@ from ckpt_core.storage.hf_config_file import is_hf_path, read_hf_config
 
 __all__ = [
     "SIZE_FIELDS",
+    "check_flags",
     "check_sizes",
+    "common_fields",
     "from_hf_config",
     "is_hf_path",
     "read_hf_config",
@@ -50,15 +52,30 @@ _OWN_FIELDS = {
 }
 
 
-def to_hf_config(args: ModelArgs, dtype: str | None = None) -> dict[str, Any]:
-    """The ``config.json`` dict of a ``LlamaForCausalLM`` with these arguments."""
+#: Entries of a Llama ``config.json`` that families built on the same model lack.
+LLAMA_ONLY: dict[str, Any] = {"mlp_bias": False}
+
+
+def to_hf_config(
+    args: ModelArgs,
+    dtype: str | None = None,
+    *,
+    architecture: str = "LlamaForCausalLM",
+    model_type: str = "llama",
+    own: dict[str, Any] = LLAMA_ONLY,
+) -> dict[str, Any]:
+    """The ``config.json`` dict of a ``LlamaForCausalLM`` with these arguments.
+
+    Families built on the reference model (Qwen3) pass their ``architecture``,
+    ``model_type`` and ``own`` entries instead of the Llama-only ones.
+    """
     rope: dict[str, Any] = {"rope_theta": float(args.rope_theta), "rope_type": "default"}
     if args.rope_scaling:
         rope["rope_type"] = "llama3"
         rope.update({k: args.rope_scaling[k] for k in LLAMA3_KEYS})
     config: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [architecture],
+        "model_type": model_type,
         "hidden_size": args.dim,
         "intermediate_size": args.ffn_hidden_dim,
         "num_hidden_layers": args.n_layers,
@@ -72,7 +89,7 @@ def to_hf_config(args: ModelArgs, dtype: str | None = None) -> dict[str, Any]:
         "tie_word_embeddings": args.tie_word_embeddings,
         "hidden_act": "silu",
         "attention_bias": False,
-        "mlp_bias": False,
+        **own,
     }
     for key, value in args.extra_hf_config.items():
         config.setdefault(key, value)
@@ -100,15 +117,36 @@ def from_hf_config(config: dict[str, Any], *, source: str = "config.json") -> Mo
         raise ConfigError(
             f"config.json model_type is {model_type!r}; the reference model reads 'llama' only."
         )
-    for flag in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
-        if config.get(flag) is not None and not isinstance(config[flag], bool):
-            raise _damaged(source, f"{flag} is {config[flag]!r}; it must be true or false")
+    check_flags(config, source, ("attention_bias", "mlp_bias", "tie_word_embeddings"))
     for flag in ("attention_bias", "mlp_bias"):
         if config.get(flag):
             raise ConfigError(f"config.json {flag}=true is not supported by the reference Llama.")
+    return ModelArgs(**common_fields(config, source=source, what="the reference Llama"))
+
+
+def check_flags(config: dict[str, Any], source: str, flags: tuple[str, ...]) -> None:
+    """Refuse ``flags`` present with a value other than true/false (a string ``'no'`` is truthy)."""
+    for flag in flags:
+        if config.get(flag) is not None and not isinstance(config[flag], bool):
+            raise _damaged(source, f"{flag} is {config[flag]!r}; it must be true or false")
+
+
+def common_fields(
+    config: dict[str, Any],
+    *,
+    source: str,
+    what: str,
+    own_fields: frozenset[str] = frozenset(),
+) -> dict[str, Any]:
+    """:class:`ModelArgs` fields of a checked ``config.json`` of a Llama-like model.
+
+    Sizes, norms, RoPE (``default`` or ``llama3``) and tying; ``what`` names the
+    model in errors; fields outside the Llama ones and ``own_fields`` are kept in
+    ``extra_hf_config`` for a faithful re-export.
+    """
     act = config.get("hidden_act", "silu")
     if act != "silu":
-        raise ConfigError(f"config.json hidden_act is {act!r}; the reference Llama uses 'silu'.")
+        raise ConfigError(f"config.json hidden_act is {act!r}; {what} uses 'silu'.")
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     if not isinstance(rope, dict):
         raise _damaged(source, f"rope parameters are {rope!r}, not an object")
@@ -135,8 +173,8 @@ def from_hf_config(config: dict[str, Any], *, source: str = "config.json") -> Mo
             f"config.json rope_type {rope_type!r} is not supported; allowed: 'default', 'llama3'."
         )
     n_heads = config["num_attention_heads"]
-    extra = {k: v for k, v in config.items() if k not in _OWN_FIELDS}
-    return ModelArgs(
+    extra = {k: v for k, v in config.items() if k not in _OWN_FIELDS and k not in own_fields}
+    return dict(
         dim=config["hidden_size"],
         n_layers=config["num_hidden_layers"],
         n_heads=n_heads,

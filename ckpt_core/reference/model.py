@@ -126,11 +126,17 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v as ``[batch, heads, seq, head_dim]``, before the rotary embedding."""
         b, s, _ = x.shape
         q = self.wq(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = self.heads(x)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if self.n_kv_heads != self.n_heads:
@@ -176,12 +182,18 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
+        self.layers = nn.ModuleDict(
+            {str(i): self.make_block(args, i) for i in range(args.n_layers)}
+        )
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = (
             None if args.tie_word_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         )
         self.register_buffer("rope_inv_freq", rope_inv_freq(args), persistent=False)
+
+    def make_block(self, args: ModelArgs, layer_id: int) -> nn.Module:
+        """Block ``layer_id`` (families built on this model return their own)."""
+        return TransformerBlock(args)
 
     def init_weights(self, buffer_device: torch.device | str | None = None, std: float = 0.02):
         """(Re)initialize parameters and the rotary buffer (e.g. after a meta-device build)."""
