@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ckpt_core.config import CheckpointConfig, InitialLoadConfig
-from ckpt_core.errors import CheckpointError, ConfigError
+from ckpt_core.errors import CheckpointError, ConfigError, DamagedCheckpointError
 from ckpt_core.plugins import Converters
 from ckpt_core.storage import layout, manifest
 
@@ -101,8 +101,37 @@ def base_record(initial: InitialLoadConfig) -> dict[str, Any]:
     }
 
 
+#: Formats a ``base`` record may name (those of ``checkpoint.initial_load.format``).
+BASE_FORMATS = ("dcp", "hf", "hf_quantized")
+
+
+def check_base_record(recorded: Any) -> dict[str, Any]:
+    """``recorded`` if it is a manifest ``base`` entry of the right shape, else an error.
+
+    The path is whatever the run was configured with (it may lie anywhere), so it
+    is only checked to be a non-empty string; ``format`` must be one of
+    :data:`BASE_FORMATS` and ``checksum`` a ``crc32:`` string.
+    """
+    problem = None
+    if not isinstance(recorded, dict):
+        problem = f"is a {type(recorded).__name__}, not an object"
+    elif not isinstance(recorded.get("path"), str) or not recorded["path"]:
+        problem = f"has path {recorded.get('path')!r}, not a folder name"
+    elif recorded.get("format", "dcp") not in BASE_FORMATS:
+        problem = f"has format {recorded.get('format')!r}, not one of {list(BASE_FORMATS)}"
+    elif not isinstance(recorded.get("checksum"), str):
+        problem = f"has checksum {recorded.get('checksum')!r}, not a 'crc32:...' string"
+    if problem:
+        raise DamagedCheckpointError(
+            f"The manifest's base entry {problem}; the checkpoint's manifest is damaged or "
+            "crafted: restore it, or load a full checkpoint."
+        )
+    return recorded
+
+
 def base_to_load(recorded: dict[str, Any], initial: InitialLoadConfig) -> InitialLoadConfig:
     """The base a resume loads: the configured one (or the recorded path), checksum-checked."""
+    recorded = check_base_record(recorded)
     path = initial.path or recorded.get("path")
     if not path or not layout.exists(path):
         raise CheckpointError(

@@ -21,15 +21,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from ckpt_core.errors import CheckpointError
+from ckpt_core.errors import CheckpointError, DamagedCheckpointError
 from ckpt_core.model_wrapper import tensor_shape
 from ckpt_core.storage import layout, manifest
-from ckpt_core.storage.dcp_io import storage_reader
-from ckpt_core.storage.safe_metadata import SafeLoadPlanner, read_metadata
+from ckpt_core.storage.safe_metadata import read_metadata, safe_load
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +38,12 @@ def steps_with_manifest(folder: str) -> list[int]:
     """Committed steps that carry a manifest (the others are not resume points)."""
     steps = []
     for s in layout.committed_steps(folder):
-        if manifest.read(layout.step_dir(folder, s)) is not None:
+        try:
+            found = manifest.read(layout.step_dir(folder, s))
+        except CheckpointError as exc:
+            logger.warning("Ignoring %s: %s", layout.step_dir(folder, s), exc)
+            continue
+        if found is not None:
             steps.append(s)
         else:
             logger.warning(
@@ -71,8 +73,13 @@ def find_step(folder: str, requested: int = -1) -> int | None:
 def newest_intact(folder: str, exclude: int | None = None) -> int | None:
     """Newest step whose files all match their manifest sizes."""
     for s in reversed(steps_with_manifest(folder)):
-        if s != exclude and not manifest.check_sizes(layout.step_dir(folder, s)):
-            return s
+        if s == exclude:
+            continue
+        try:
+            if not manifest.check_sizes(layout.step_dir(folder, s)):
+                return s
+        except CheckpointError:
+            continue
     return None
 
 
@@ -92,6 +99,12 @@ def check_step(folder: str, step: int, *, explicit: bool = False) -> dict[str, A
         )
         return {}
     problems = manifest.check_sizes(path, found)
+    unsafe = [p for p in problems if p.reason == "unsafe"]
+    if unsafe:
+        raise DamagedCheckpointError(
+            f"Checkpoint {path} is refused: its manifest entry {unsafe[0].file!r} was "
+            f"{unsafe[0].detail}. A step holds only plain files; it was crafted or damaged."
+        )
     if problems:
         intact = newest_intact(folder, exclude=step)
         hint = (
@@ -206,13 +219,7 @@ def dcp_load(
     for name, obj in states.items():
         sd = obj.state_dict() if hasattr(obj, "state_dict") else obj
         plain[name] = drop_optional_absent(metadata, sd, name)
-    dcp.load(
-        plain,
-        storage_reader=storage_reader(path),
-        planner=SafeLoadPlanner(),
-        process_group=process_group,
-        no_dist=not (dist.is_available() and dist.is_initialized()),
-    )
+    safe_load(plain, path, process_group=process_group, metadata=metadata)
     for name, obj in states.items():
         if hasattr(obj, "load_state_dict"):
             obj.load_state_dict(plain[name])

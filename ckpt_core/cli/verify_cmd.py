@@ -60,9 +60,13 @@ def step_folders(path: str, step: int | None) -> list[str]:
 
 def verify_folder(folder: str, progress_mode: str = "auto") -> list:
     """Problems of one step folder (see :func:`ckpt_core.storage.manifest.verify`)."""
+    from ckpt_core.errors import CheckpointError
     from ckpt_core.storage import manifest
 
-    found = manifest.read(folder)
+    try:
+        found = manifest.read(folder)
+    except CheckpointError as exc:  # not JSON, wrong field types, unsafe names: reads nothing
+        return [manifest.Problem(manifest.MANIFEST_NAME, "damaged", str(exc))]
     if found is None:
         return manifest.check_sizes(folder, None)
     total = manifest.total_bytes(found)

@@ -155,8 +155,12 @@ def written_checksums(writer: Any) -> dict[str, tuple[int, str]]:
     return dict(fs.records) if isinstance(fs, ChecksummingFS) else {}
 
 
-def storage_reader(path: str) -> Any:
-    """A DCP reader for ``path`` (local or URI) that reads ``.metadata`` safely."""
+def storage_reader(path: str, metadata: Any = None) -> Any:
+    """A DCP reader for ``path`` (local or URI) that reads only checked data.
+
+    ``metadata``: already read by :func:`ckpt_core.storage.safe_metadata.read_metadata`.
+    Loading goes through :func:`ckpt_core.storage.safe_metadata.safe_load`.
+    """
     from ckpt_core.storage.safe_metadata import safe_reader
 
-    return safe_reader(path)
+    return safe_reader(path, metadata)

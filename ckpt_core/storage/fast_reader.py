@@ -9,8 +9,15 @@ range, this reader finds the record with torch's own archive reader
 (``get_record_offset``), reads the tensor's layout from ``data.pkl`` with an
 unpickler that resolves nothing but the rebuild call and storage types, and
 ``preadv``\\s the bytes directly into the destination tensor's memory. Every
-other item (objects, dtype casts, strided or transformed items) goes through
-exactly torch's path. ``CKPT_FAST_READ=0`` turns the fast path off.
+other item (objects, dtype casts, strided items) goes through the checked
+item reader of :mod:`ckpt_core.storage.safe_metadata` (torch's own steps, with
+``weights_only=True``). ``CKPT_FAST_READ=0`` turns the fast path off.
+
+What it reads was checked first: the metadata's paths, offsets and lengths
+(:func:`ckpt_core.storage.metadata_checks.check_metadata`), each data file
+again when opened (:func:`ckpt_core.storage.paths.open_regular`: no symlink,
+a regular file), each item's archive (:func:`~ckpt_core.storage.safe_metadata.check_archive`),
+and the bytes copied into a tensor lie inside their item.
 """
 
 from __future__ import annotations
@@ -25,10 +32,11 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint.planner import LoadItemType
-from torch.distributed.checkpoint.utils import _create_file_view
 from torch.futures import Future
 
-from ckpt_core.storage.safe_metadata import SafeFileSystemReader
+from ckpt_core.errors import DamagedCheckpointError
+from ckpt_core.storage.paths import open_regular
+from ckpt_core.storage.safe_metadata import SafeFileSystemReader, _ItemView, check_archive
 
 
 def enabled() -> bool:
@@ -122,7 +130,10 @@ def _read_into(fd: int, target: torch.Tensor, offset: int) -> None:
     while done < nbytes:
         n = os.preadv(fd, [view[done:]], offset + done)
         if n <= 0:
-            raise OSError(f"unexpected end of file reading {nbytes} bytes at {offset}")
+            raise DamagedCheckpointError(
+                f"unexpected end of file reading {nbytes} bytes at {offset}; the checkpoint "
+                "was truncated while being read."
+            )
         done += n
 
 
@@ -135,7 +146,7 @@ class FastFileSystemReader(SafeFileSystemReader):
             per_file.setdefault(self.storage_data[req.storage_index].relative_path, []).append(req)
         for relative_path, reqs in per_file.items():
             path = self.fs.concat_path(self.path, relative_path)
-            with open(path, "rb") as stream:
+            with open_regular(str(path), what=f"{self.checkpoint or self.path}") as stream:
                 fd = stream.fileno()
                 for req in sorted(reqs, key=lambda r: self.storage_data[r.storage_index].offset):
                     item = self.storage_data[req.storage_index]
@@ -148,7 +159,13 @@ class FastFileSystemReader(SafeFileSystemReader):
     def _fast(self, fd: int, stream: Any, req: Any, item: Any, planner: Any) -> bool:
         if req.type == LoadItemType.BYTE_IO or item.transform_descriptors:
             return False
-        layout = _layout(_create_file_view(stream, item.offset, item.length))
+        view = _ItemView(stream, item.offset, item.length)
+        check_archive(
+            view,
+            item.length,
+            what=f"{self.checkpoint or self.path} entry {req.storage_index.fqn!r}",
+        )
+        layout = _layout(view)
         if layout is None:
             return False
         dtype, storage_offset, size, stride, data_offset = layout
@@ -165,34 +182,12 @@ class FastFileSystemReader(SafeFileSystemReader):
         ):
             return False
         byte_start = (storage_offset + start) * target.element_size()
+        if data_offset + byte_start + target.numel() * target.element_size() > item.length:
+            return False  # the layout claims bytes beyond the item: torch's checks report it
         _read_into(fd, target, item.offset + data_offset + byte_start)
         planner.commit_tensor(req, target)
         return True
 
     def _torch_path(self, stream: Any, req: Any, item: Any, planner: Any) -> None:
-        """Exactly what ``FileSystemReader.read_data`` does for one item."""
-        file_slice = self._slice_file(stream, item)
-        transform_from = self.transforms.transform_load_stream(
-            req, item.transform_descriptors or (), file_slice
-        )
-        if req.type == LoadItemType.BYTE_IO:
-            read_bytes = io.BytesIO(transform_from.read(-1))
-            read_bytes.seek(0)
-            planner.load_bytes(req, read_bytes)
-            return
-        if transform_from.seekable():
-            seekable = transform_from
-        else:
-            seekable = io.BytesIO(transform_from.read(-1))
-            seekable.seek(0)
-        from torch.distributed._shard._utils import narrow_tensor_by_index
-
-        tensor = torch.load(seekable, map_location="cpu", weights_only=True)
-        tensor = narrow_tensor_by_index(tensor, req.storage_offsets, req.lengths)
-        target = planner.resolve_tensor(req).detach()
-        if target.size() != tensor.size():
-            raise AssertionError(
-                f"req {req.storage_index} mismatch sizes {target.size()} vs {tensor.size()}"
-            )
-        target.copy_(tensor)
-        planner.commit_tensor(req, target)
+        """An item the fast path does not take: the shared checked item reader."""
+        self._read_item(stream, req, item, planner)

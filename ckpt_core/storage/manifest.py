@@ -26,7 +26,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ckpt_core.errors import DamagedCheckpointError
 from ckpt_core.storage import layout
+from ckpt_core.storage.paths import MAX_OFFSET, UnsafePathError, check_name, resolve_inside
 
 MANIFEST_NAME = "manifest.json"
 #: Written beside the manifest by :mod:`ckpt_core.storage.signing`; never listed in it.
@@ -155,14 +157,96 @@ def write(folder: str, manifest: Mapping[str, Any]) -> str:
 
 
 def read(folder: str) -> dict[str, Any] | None:
-    """The manifest of ``folder``, or ``None`` when it has none or it is not valid JSON."""
+    """The checked manifest of ``folder``, or ``None`` when it has none.
+
+    A ``manifest.json`` that is there but not a plain file inside the folder, not
+    JSON, or not of the shared format (:func:`check`) is a
+    :class:`~ckpt_core.errors.DamagedCheckpointError` naming the field.
+    """
     path = layout.join(folder, MANIFEST_NAME)
-    try:
-        with layout.open_file(path, "rb") as f:
-            data = json.loads(f.read())
-    except (OSError, FileNotFoundError, ValueError):
+    if not _lexists(path):
         return None
-    return data if isinstance(data, dict) and "files" in data else None
+    checked = resolve_inside(folder, MANIFEST_NAME, what=folder, symlinks=False)
+    try:
+        with layout.open_file(checked, "rb") as f:
+            data = json.loads(f.read())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise DamagedCheckpointError(
+            f"{path} is not readable JSON ({exc}); the step is damaged: restore it or remove it."
+        ) from None
+    return check(data, path)
+
+
+def _lexists(path: str) -> bool:
+    fs, inner = layout.filesystem(path)
+    return os.path.lexists(inner) if fs is None else fs.exists(inner)
+
+
+#: Optional top-level fields and the JSON types they must have when present.
+_FIELDS: dict[str, tuple[type, ...]] = {
+    "format_version": (int,),
+    "kind": (str,),
+    "step": (int,),
+    "world_size": (int,),
+    "converters": (list,),
+    "model": (dict, type(None)),
+    "versions": (dict, type(None)),
+    "created": (int, float),
+    "base": (dict, type(None)),
+}
+_ENTRY_FIELDS = {"model": {"adapter": str, "config": dict}, "base": {"path": str, "format": str}}
+
+
+def _bad(source: str, field: str, value: Any, want: str) -> DamagedCheckpointError:
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    return DamagedCheckpointError(
+        f"{source}: field {field} is {shown}, not {want}; the manifest is damaged or was "
+        "crafted: restore the step or remove it."
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int and 0 <= value <= MAX_OFFSET
+
+
+def check(data: Any, source: str = MANIFEST_NAME) -> dict[str, Any]:
+    """``data`` if it is a manifest of the shared format, else a one-line error naming the field.
+
+    ``files`` must map plain relative names (:func:`ckpt_core.storage.paths.check_name`)
+    to ``{"size": int, "checksum": str}``; the other known fields must have their
+    types when present (``model``: ``adapter`` and ``config``; ``base``: ``path``,
+    ``format`` and a ``checksum`` string).
+    """
+    if not isinstance(data, dict):
+        raise _bad(source, "(the whole file)", type(data).__name__, "a JSON object")
+    files = data.get("files")
+    if not isinstance(files, dict):
+        raise _bad(source, "files", files, "an object of file entries")
+    for name, entry in files.items():
+        check_name(name, what=f"{source} files entry")
+        if not isinstance(entry, dict):
+            raise _bad(source, f"files[{name!r}]", entry, "an object")
+        if not _is_int(entry.get("size")):
+            raise _bad(source, f"files[{name!r}].size", entry.get("size"), "a byte count")
+        if not isinstance(entry.get("checksum"), str):
+            raise _bad(source, f"files[{name!r}].checksum", entry.get("checksum"), "a string")
+    for field, types in _FIELDS.items():
+        value = data.get(field)
+        if field in data and (not isinstance(value, types) or isinstance(value, bool)):
+            raise _bad(source, field, value, "a " + " or ".join(t.__name__ for t in types))
+        if types == (int,) and field in data and not _is_int(abs(value)):
+            raise _bad(source, field, value, "an integer of at most 63 bits")
+    for field, wanted in _ENTRY_FIELDS.items():
+        entry = data.get(field)
+        for key, kind in wanted.items():
+            if entry and not isinstance(entry.get(key), kind):
+                raise _bad(source, f"{field}.{key}", entry.get(key), f"a {kind.__name__}")
+    base = data.get("base")
+    if base and base.get("checksum") is not None and not isinstance(base["checksum"], str):
+        raise _bad(source, "base.checksum", base["checksum"], "a string")
+    return data
 
 
 @dataclass
@@ -170,25 +254,47 @@ class Problem:
     """One file that does not match its manifest entry."""
 
     file: str
-    reason: str  # "missing" | "truncated" | "size" | "checksum" | "unlisted"
+    reason: str  # "missing" | "unsafe" | "truncated" | "size" | "checksum" | "unlisted"
     detail: str
 
     def __str__(self) -> str:
         return f"{self.file}: {self.reason} ({self.detail})"
 
 
+def locate(folder: str, rel: str) -> tuple[str, int] | Problem:
+    """``(checked path, size)`` of manifest entry ``rel``, or why it is not read.
+
+    An entry is read only when it is a regular file inside ``folder`` reached
+    through no symlink (:func:`ckpt_core.storage.paths.resolve_inside`); anything
+    else is an ``unsafe`` problem, so a crafted manifest cannot make ``ckpt
+    verify`` report the size or checksum of a file outside the step.
+    """
+    if not _lexists(layout.join(folder, rel)):
+        return Problem(rel, "missing", "not in the step folder")
+    try:
+        path = resolve_inside(folder, rel, what=f"{folder} manifest entry", symlinks=False)
+    except UnsafePathError as exc:
+        return Problem(rel, "unsafe", f"not read: it {exc.reason}")
+    size = _size(path)
+    return Problem(rel, "missing", "vanished while checked") if size is None else (path, size)
+
+
 def check_sizes(folder: str, manifest: Mapping[str, Any] | None = None) -> list[Problem]:
-    """Missing and wrongly sized files (one ``stat`` each); no manifest is a problem."""
+    """Missing, unsafe and wrongly sized files (a ``stat`` each); no manifest is a problem."""
     manifest = manifest if manifest is not None else read(folder)
     if manifest is None:
         return [Problem(MANIFEST_NAME, "missing", "the step has no readable manifest.json")]
     problems = []
     for rel, entry in sorted(manifest["files"].items()):
-        size = _size(layout.join(folder, rel))
+        found = locate(folder, rel)
         want = int(entry["size"])
-        if size is None:
-            problems.append(Problem(rel, "missing", f"expected {want} bytes"))
-        elif size < want:
+        if isinstance(found, Problem):
+            if found.reason == "missing":
+                found.detail = f"expected {want} bytes"
+            problems.append(found)
+            continue
+        size = found[1]
+        if size < want:
             problems.append(Problem(rel, "truncated", f"{size} of {want} bytes"))
         elif size != want:
             problems.append(Problem(rel, "size", f"{size} bytes, manifest says {want}"))
@@ -211,10 +317,11 @@ def verify(
         return problems
     bad = {p.file for p in problems}
     for rel, entry in sorted(manifest["files"].items()):
-        if rel in bad:
+        found = None if rel in bad else locate(folder, rel)
+        if not isinstance(found, tuple):
             continue
         got = file_checksum(
-            layout.join(folder, rel),
+            found[0],
             None if progress is None else (lambda n, rel=rel: progress(rel, n)),
         )
         if got != entry["checksum"]:

@@ -26,7 +26,7 @@ import re
 import stat
 from typing import BinaryIO
 
-from ckpt_core.errors import CheckpointError
+from ckpt_core.errors import DamagedCheckpointError
 from ckpt_core.storage import layout
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
@@ -42,15 +42,24 @@ _KINDS = {
 MAX_OFFSET = (1 << 63) - 1
 
 
-def _refuse(what: str, name: object, why: str) -> CheckpointError:
-    return CheckpointError(
+class UnsafePathError(DamagedCheckpointError):
+    """A file name from a checkpoint that must not be opened; ``reason`` says why."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _refuse(what: str, name: object, why: str) -> UnsafePathError:
+    return UnsafePathError(
         f"{what} names {name!r}, which {why}; the folder is damaged or was crafted: do not "
-        "load it (a checkpoint names only plain files inside its own folder)."
+        "load it (a checkpoint names only plain files inside its own folder).",
+        why,
     )
 
 
 def check_name(name: object, *, what: str) -> str:
-    """``name`` as a relative ``/``-separated path without ``..``; else :class:`CheckpointError`.
+    """``name`` if it is a relative ``/``-separated path without ``..``; else an error.
 
     ``what`` says where the name came from (``"step-5/.metadata entry model.w"``).
     """
@@ -75,7 +84,7 @@ def _kind(mode: int) -> str:
 def resolve_inside(folder: str, name: str, *, what: str, symlinks: bool = True) -> str:
     """The checked path of file ``name`` in ``folder`` (a local path or an fsspec URI).
 
-    Refuses (:class:`CheckpointError`, one line naming ``what`` and ``name``) an
+    Refuses (:class:`DamagedCheckpointError`, one line naming ``what`` and ``name``) an
     absolute name, ``..``, a symlink that leads out of ``folder`` (any symlink
     with ``symlinks=False``), a missing file, and anything but a regular file.
     Local paths come back resolved (``realpath``); URIs come back joined.
@@ -126,12 +135,12 @@ def _no_symlink_below(root: str, name: str, what: str) -> None:
 
 
 def file_size(path: str, *, what: str) -> int:
-    """Size in bytes of the file at ``path`` (local or URI); :class:`CheckpointError` if absent."""
+    """Size in bytes of the file at ``path`` (local or URI); an error if it has none."""
     fs, inner = layout.filesystem(path)
     try:
         return os.stat(inner).st_size if fs is None else int(fs.info(inner)["size"])
     except (OSError, FileNotFoundError, KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(
+        raise DamagedCheckpointError(
             f"{what}: cannot read the size of {path} ({exc}); the checkpoint is incomplete."
         ) from None
 
@@ -140,13 +149,13 @@ def check_length(path: str, offset: int, length: int, *, what: str) -> None:
     """``offset`` and ``length`` are plain non-negative ints ending inside the file at ``path``."""
     for field, value in (("offset", offset), ("length", length)):
         if type(value) is not int or not 0 <= value <= MAX_OFFSET:
-            raise CheckpointError(
+            raise DamagedCheckpointError(
                 f"{what} declares {field} {value!r} in {path}; a {field} is a non-negative "
                 "integer. The folder is damaged or was crafted: do not load it."
             )
     size = file_size(path, what=what)
     if offset + length > size:
-        raise CheckpointError(
+        raise DamagedCheckpointError(
             f"{what} declares bytes {offset}..{offset + length} of {path}, which holds only "
             f"{size} bytes; the file is truncated or the metadata was crafted: do not load it."
         )
@@ -163,14 +172,14 @@ def open_regular(path: str, *, what: str) -> BinaryIO:
     try:
         fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
-        raise CheckpointError(
+        raise DamagedCheckpointError(
             f"{what}: cannot open {path} as a plain file ({exc.strerror}); it is missing or "
             "was replaced by a symlink. Do not load this folder."
         ) from None
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise CheckpointError(
+            raise DamagedCheckpointError(
                 f"{what}: {path} is {_kind(mode)}, not a regular file; do not load this folder."
             )
         if hasattr(os, "set_blocking"):

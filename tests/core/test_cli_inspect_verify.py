@@ -90,7 +90,7 @@ def test_inspect_refuses_a_metadata_file_with_a_code_payload(tmp_path, capsys):
         type("P", (), {"__reduce__": lambda s: (os.system, (f"touch {marker}",))})()
     )
     (tmp_path / "step-2" / ".metadata").write_bytes(payload)
-    assert main(["inspect", str(tmp_path / "step-2")]) == 2
+    assert main(["inspect", str(tmp_path / "step-2")]) == 1  # hostile data: exit 1
     assert "not a DCP metadata type" in capsys.readouterr().err
     assert not marker.exists()
 
