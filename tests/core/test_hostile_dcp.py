@@ -198,7 +198,12 @@ def test_a_tensor_stored_where_a_plain_value_lives_is_refused_naming_it(tmp_path
 
 def test_a_tensor_of_another_shape_is_refused_before_dcp_reads_a_region(tmp_path):
     step = _saved(tmp_path)
-    _tamper(step, lambda md: setattr(md.state_dict_metadata["dataloader.order"], "size", [4]))
+
+    def edit(metadata):  # a consistent 4-element tensor: DCP alone would fill half of 8
+        entry = metadata.state_dict_metadata["dataloader.order"]
+        entry.size = entry.chunks[0].sizes = torch.Size([4])
+
+    _tamper(step, edit)
     with pytest.raises(CheckpointError) as info:
         _manager(tmp_path / "ckpt").load()
     assert "'dataloader.order'" in _one_line_refusal(info)
