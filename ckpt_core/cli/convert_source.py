@@ -185,7 +185,14 @@ def _is_quantized_into_wider(meta, live) -> bool:
 def hf_load_format(config: dict) -> str:
     """``"hf_quantized"`` for fp8 weights with scales (DeepSeek-style blocks or
     compressed-tensors ``float-quantized``), else ``"hf"``."""
+    from ckpt_core.errors import DamagedCheckpointError
+
     quant = config.get("quantization_config") or {}
+    if not isinstance(quant, dict):
+        raise DamagedCheckpointError(
+            f"convert: the source's config.json field quantization_config is a "
+            f"{type(quant).__name__}, not an object; the config is damaged: fix or remove it."
+        )
     method = quant.get("quant_method")
     if method == "fp8" or (
         method == "compressed-tensors" and quant.get("format") == "float-quantized"

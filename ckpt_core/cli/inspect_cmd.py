@@ -110,9 +110,7 @@ def describe_safetensors(folder: str) -> dict[str, Any]:
     """Tensors of every ``*.safetensors`` file under a local folder (headers only)."""
     import os
 
-    from safetensors import safe_open
-
-    from ckpt_core.storage.hf_reader import resolve_file
+    from ckpt_core.storage.hf_reader import open_safetensors, resolve_file
     from ckpt_core.storage.hf_writer import SAFETENSORS_DTYPES
 
     itemsize = {name: dtype.itemsize for dtype, name in SAFETENSORS_DTYPES.items()}
@@ -123,7 +121,7 @@ def describe_safetensors(folder: str) -> dict[str, Any]:
                 continue
             rel = os.path.relpath(os.path.join(root, name), folder)
             path = resolve_file(folder, rel, what=f"{folder} file")  # no FIFO, nothing outside
-            with safe_open(path, "pt") as f:
+            with open_safetensors(path) as f:
                 for key in f.keys():
                     sl = f.get_slice(key)
                     shape = list(sl.get_shape())

@@ -31,6 +31,7 @@ import re
 import threading
 from collections.abc import Iterable, Sequence
 
+from ckpt_core.errors import CheckpointError
 from ckpt_core.storage import layout, manifest, pins
 
 logger = logging.getLogger(__name__)
@@ -42,8 +43,14 @@ _DELETING_RE = re.compile(r"^\.deleting-step-(\d+)$")
 
 def intact_steps(folder: str) -> list[int]:
     """Committed steps whose manifest exists and whose files have the listed sizes."""
-    steps = layout.committed_steps(folder)
-    return [s for s in steps if not manifest.check_sizes(layout.step_dir(folder, s))]
+    steps = []
+    for s in layout.committed_steps(folder):
+        try:
+            if not manifest.check_sizes(layout.step_dir(folder, s)):
+                steps.append(s)
+        except CheckpointError as exc:  # a malformed manifest: not intact, never counted
+            logger.warning("checkpoint purge: step %d is not intact: %s", s, exc)
+    return steps
 
 
 def select_deletions(

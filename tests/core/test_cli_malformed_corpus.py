@@ -208,30 +208,8 @@ CASES: dict[str, tuple[str, Callable]] = {
     "missing-path": ("missing", lambda f: None),
 }
 
-#: Cases whose reader belongs to the DCP/manifest side; strict, so a fix shows up.
-_INSPECT_SAFETENSORS = (
-    "inspect_cmd.describe_safetensors calls safe_open directly: SafetensorError escapes as an "
-    "internal error (storage.hf_reader.open_safetensors makes it one line)"
-)
-_QUANTIZATION_CONFIG = (
-    "convert_source.hf_load_format calls .get on quantization_config without checking that "
-    "it is an object: AttributeError escapes as an internal error"
-)
-KNOWN: dict[tuple[str, str], str] = {
-    **{
-        (case, "inspect"): _INSPECT_SAFETENSORS
-        for case in (
-            "hf-truncated-safetensors",
-            "hf-header-length",
-            "hf-garbage-safetensors",
-            "hf-empty-safetensors",
-        )
-    },
-    **{
-        ("hf-config-quantization-a-list", command): _QUANTIZATION_CONFIG
-        for command in ("convert-hf", "convert-dcp")
-    },
-}
+#: Known gaps, as strict xfails so a fix shows up: none left.
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 #: A leftover temporary folder, or a step that links to its folder elsewhere, is not damage.

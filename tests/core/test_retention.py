@@ -176,3 +176,19 @@ def test_pinning_a_missing_folder_creates_nothing(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         pins.set_pin(str(tmp_path / "nope"), 1, True)
     assert not (tmp_path / "nope").exists()
+
+
+def test_a_malformed_manifest_is_never_counted_intact_and_purge_does_not_raise(tmp_path):
+    from ckpt_core.storage import purge as purge_mod
+
+    folder = tmp_path / "ckpt"
+    for step in (1, 2, 3):
+        (folder / f"step-{step}").mkdir(parents=True)
+        (folder / f"step-{step}" / "manifest.json").write_text(
+            json.dumps({"format": "ckpt", "kind": "checkpoint", "step": step, "files": {}})
+        )
+    (folder / "step-2" / "manifest.json").write_text('{"files": "not a table"}')
+    intact = purge_mod.intact_steps(str(folder))
+    assert 2 not in intact
+    purge_mod.purge(str(folder), keep_latest_k=2)
+    assert (folder / "step-2").exists()  # damaged steps are left for a human
