@@ -7,6 +7,7 @@ loads the folder's weights (any sharding, any floating dtype).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -23,18 +24,32 @@ def model_args(name_or_path: str | dict[str, Any] | ModelArgs) -> ModelArgs:
     A folder's ``config.json`` is checked against its weights before anything is
     built (:func:`ckpt_core.storage.hf_reader.check_fits`).
     """
+    return args_from(name_or_path, from_hf_config, FLAVORS, flavor_args)
+
+
+def args_from(
+    name_or_path: str | dict[str, Any] | ModelArgs,
+    parse: Callable[..., ModelArgs],
+    flavors: Mapping[str, ModelArgs],
+    flavor: Callable[[str], ModelArgs],
+) -> ModelArgs:
+    """:func:`model_args` of any family built on the reference model.
+
+    ``parse(config, source=...)`` reads a ``config.json`` dict, ``flavor(name)``
+    copies a named size (and lists ``flavors`` when the name is unknown).
+    """
     if isinstance(name_or_path, ModelArgs):
         return name_or_path
     if isinstance(name_or_path, dict):
-        return from_hf_config(name_or_path)
-    if name_or_path in FLAVORS or not is_hf_path(name_or_path):
-        return flavor_args(name_or_path)
+        return parse(name_or_path)
+    if name_or_path in flavors or not is_hf_path(name_or_path):
+        return flavor(name_or_path)
     if name_or_path.endswith(".json"):
-        return from_hf_config(read_hf_config(name_or_path), source=name_or_path)
+        return parse(read_hf_config(name_or_path), source=name_or_path)
     from ckpt_core.storage import hf_reader, layout
 
     source = layout.join(name_or_path, "config.json")
-    args = from_hf_config(read_hf_config(name_or_path), source=source)
+    args = parse(read_hf_config(name_or_path), source=source)
     if not layout.is_uri(name_or_path):  # the folder's weights must be able to hold the model
         hf_reader.check_fits(args.num_params(), name_or_path, what=source)
     return args
@@ -47,9 +62,19 @@ def build_model(
     dtype: torch.dtype | None = None,
 ) -> Transformer:
     """A freshly initialized reference Llama (``device="meta"`` skips initialization)."""
-    args = model_args(name_or_path)
+    return instantiate(Transformer, model_args(name_or_path), device=device, dtype=dtype)
+
+
+def instantiate(
+    model_class: type[Transformer],
+    args: ModelArgs,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Transformer:
+    """``model_class(args)`` on ``device``, initialized unless on the meta device."""
     with torch.device(device or "cpu"):
-        model = Transformer(args)
+        model = model_class(args)
     if torch.device(device or "cpu").type != "meta":
         model.init_weights()
     if dtype is not None:
@@ -84,9 +109,11 @@ __all__ = [
     "ModelArgs",
     "Transformer",
     "adapter_for",
+    "args_from",
     "build_model",
     "from_hf_config",
     "from_pretrained",
+    "instantiate",
     "model_args",
     "read_hf_config",
     "to_hf_config",

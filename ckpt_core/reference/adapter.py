@@ -34,8 +34,6 @@ _TOP_MODULES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "o
 
 _NATIVE_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_HF_LAYER_REVERSE = {v: k for k, v in _LAYER_MODULES.items()}
-_HF_TOP_REVERSE = {v: k for k, v in _TOP_MODULES.items()}
 
 
 def _rename(path: str, table: dict[str, str]) -> str | None:
@@ -46,28 +44,64 @@ def _rename(path: str, table: dict[str, str]) -> str | None:
     return None
 
 
+class KeyMap:
+    """Module paths native ↔ HF: per layer (after ``layers.N.``) and at the top."""
+
+    def __init__(self, layer_modules: dict[str, str], top_modules: dict[str, str]) -> None:
+        self.layer_modules, self.top_modules = layer_modules, top_modules
+        self._layer_reverse = {v: k for k, v in layer_modules.items()}
+        self._top_reverse = {v: k for k, v in top_modules.items()}
+
+    def extended(self, layer_modules: dict[str, str]) -> KeyMap:
+        """This map with more per-layer module paths."""
+        return KeyMap({**self.layer_modules, **layer_modules}, self.top_modules)
+
+    def to_hf(self, fqn: str) -> str | None:
+        """HF name of a native key, or ``None`` when the key is no known module path."""
+        m = _NATIVE_LAYER.match(fqn)
+        if m:
+            rest = _rename(m.group(2), self.layer_modules)
+            return None if rest is None else f"model.layers.{m.group(1)}.{rest}"
+        return _rename(fqn, self.top_modules)
+
+    def to_native(self, name: str) -> str | None:
+        """Native name of an HF key, or ``None`` when the key is no known module path."""
+        m = _HF_LAYER.match(name)
+        if m:
+            rest = _rename(m.group(2), self._layer_reverse)
+            return None if rest is None else f"layers.{m.group(1)}.{rest}"
+        return _rename(name, self._top_reverse)
+
+    def known(self) -> str:
+        """The module paths, for error messages."""
+        return f"{', '.join(self.top_modules)}, layers.N.{{{', '.join(self.layer_modules)}}}"
+
+
+LLAMA_KEYS = KeyMap(_LAYER_MODULES, _TOP_MODULES)
+
+
 def native_to_hf_key(fqn: str) -> str | None:
     """HF name of a native key, or ``None`` when the key is not a Llama module path."""
-    m = _NATIVE_LAYER.match(fqn)
-    if m:
-        rest = _rename(m.group(2), _LAYER_MODULES)
-        return None if rest is None else f"model.layers.{m.group(1)}.{rest}"
-    return _rename(fqn, _TOP_MODULES)
+    return LLAMA_KEYS.to_hf(fqn)
 
 
 def hf_to_native_key(name: str) -> str | None:
     """Native name of an HF key, or ``None`` when the key is not a Llama module path."""
-    m = _HF_LAYER.match(name)
-    if m:
-        rest = _rename(m.group(2), _HF_LAYER_REVERSE)
-        return None if rest is None else f"layers.{m.group(1)}.{rest}"
-    return _rename(name, _HF_TOP_REVERSE)
+    return LLAMA_KEYS.to_native(name)
 
 
 class LlamaStateDictAdapter(StateDictAdapter):
-    """Converts reference-Llama state dicts to and from Hugging Face Llama ones."""
+    """Converts reference-Llama state dicts to and from Hugging Face Llama ones.
+
+    Families built on the reference model subclass it with their own
+    :attr:`keys`, :attr:`model_name`, ``from_hf_config`` and ``hf_config``.
+    """
 
     registry_name = "llama"
+    #: Native ↔ HF module paths.
+    keys: KeyMap = LLAMA_KEYS
+    #: The model in error messages.
+    model_name = "the reference Llama"
     #: Where the HF weights came from, when known; converter adapters may record it
     #: (LoRA writes it as ``base_model_name_or_path`` in ``adapter_config.json``).
     name_or_path: str | None = None
@@ -83,12 +117,11 @@ class LlamaStateDictAdapter(StateDictAdapter):
     def to_hf(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for fqn, value in state_dict.items():
-            name = native_to_hf_key(fqn)
+            name = self.keys.to_hf(fqn)
             if name is None:
                 raise CheckpointError(
-                    f"Key {fqn!r} is not part of the reference Llama and no converter owns "
-                    "it, so it has no Hugging Face name. Known module paths: "
-                    f"{', '.join(_TOP_MODULES)}, layers.N.{{{', '.join(_LAYER_MODULES)}}}."
+                    f"Key {fqn!r} is not part of {self.model_name} and no converter owns "
+                    f"it, so it has no Hugging Face name. Known module paths: {self.keys.known()}."
                 )
             out[name] = value
         return out
@@ -96,11 +129,11 @@ class LlamaStateDictAdapter(StateDictAdapter):
     def from_hf(self, hf_state_dict: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for name, value in hf_state_dict.items():
-            fqn = hf_to_native_key(name)
+            fqn = self.keys.to_native(name)
             if fqn is None:
                 raise CheckpointError(
-                    f"Key {name!r} is not a Hugging Face Llama weight the reference model "
-                    "knows (model.embed_tokens, model.layers.N.*, model.norm, lm_head)."
+                    f"Key {name!r} is not a Hugging Face weight {self.model_name} knows "
+                    "(model.embed_tokens, model.layers.N.*, model.norm, lm_head)."
                 )
             if self.args.tie_word_embeddings and fqn.startswith("output."):
                 continue  # tied: lm_head is tok_embeddings
@@ -108,9 +141,9 @@ class LlamaStateDictAdapter(StateDictAdapter):
         return out
 
     def hf_key(self, fqn: str) -> str:
-        name = native_to_hf_key(fqn)
+        name = self.keys.to_hf(fqn)
         if name is None:
-            raise CheckpointError(f"Key {fqn!r} has no Hugging Face Llama name.")
+            raise CheckpointError(f"Key {fqn!r} has no Hugging Face name in {self.model_name}.")
         return name
 
     def hf_config(self, dtype: str | None = None) -> dict[str, Any]:

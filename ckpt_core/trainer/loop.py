@@ -2,9 +2,10 @@
 
 Order of one run (every rank):
 
-1. seed, build the reference Llama (identical on every rank), apply the
-   converters (before parallelization), FSDP2 per transformer block and the
-   root when there is more than one rank;
+1. seed, build the model through its family (the reference Llama for a bare
+   flavor; ``qwen3:tiny``, ``moe:debug`` or an HF folder otherwise; identical
+   on every rank), apply the converters (before parallelization), FSDP2 per
+   transformer block and the root when there is more than one rank;
 2. AdamW over the trainable parameters with a linear warmup (``LambdaLR``),
    the synthetic token stream, and a :class:`~ckpt_core.CheckpointManager`
    over all of them;
@@ -46,8 +47,8 @@ logger = logging.getLogger("ckpt_core.trainer")
 def model_source(cfg: TrainConfig) -> tuple[str, str | None]:
     """``(name_or_path, hf_folder)``: ``hf_folder`` is set when model.name is a folder.
 
-    A name that is neither a known flavor nor an existing folder is a
-    :class:`ConfigError` naming both possibilities.
+    A name that is neither a known flavor (``debug``, ``qwen3:tiny``) nor an
+    existing folder is a :class:`ConfigError` naming both possibilities.
     """
     from ckpt_core.reference import FLAVORS
     from ckpt_core.reference.hf_config import is_hf_path
@@ -57,10 +58,8 @@ def model_source(cfg: TrainConfig) -> tuple[str, str | None]:
     if name in FLAVORS:
         return name, None
     if not is_hf_path(name):
-        raise ConfigError(
-            f"model.name: {name!r} is neither a flavor ({', '.join(FLAVORS)}) nor a folder. "
-            "Give a flavor name or the path of a Hugging Face Llama folder."
-        )
+        model_family_for(name)  # a family:flavor name, or a ConfigError listing them
+        return name, None
     if name.endswith(".json"):
         if not layout.exists(name):
             raise ConfigError(f"model.name: config file {name!r} does not exist.")
@@ -76,6 +75,34 @@ def model_source(cfg: TrainConfig) -> tuple[str, str | None]:
             "Llama folder (config.json and *.safetensors)."
         )
     return name, name
+
+
+def model_family_for(name: str) -> tuple[Any, dict[str, Any]]:
+    """``(ModelFamily, config.json dict)`` of model.name, through the installed families.
+
+    A bare flavor (``debug``) is the reference Llama's, as it always was;
+    ``family:flavor`` (``qwen3:tiny``, ``moe:debug``) picks another family's; an
+    HF folder or ``config.json`` goes to the family reading its ``model_type``.
+    """
+    from ckpt_core.adapters import family_for_model, installed_families
+    from ckpt_core.reference import FLAVORS
+    from ckpt_core.reference.hf_config import is_hf_path
+
+    if is_hf_path(name):
+        return family_for_model(name)
+    try:
+        return family_for_model(f"llama:{name}" if name in FLAVORS else name)
+    except ConfigError:
+        listed = "; ".join(
+            f"{f.name}: {', '.join(f.flavors)}"
+            for _, f, _ in installed_families()
+            if f and f.flavors
+        )
+        raise ConfigError(
+            f"model.name: {name!r} is neither a flavor ({', '.join(FLAVORS)}, or family:flavor "
+            f"among {listed}) nor a folder. Give a flavor name or the path of a Hugging Face "
+            "folder."
+        ) from None
 
 
 def prepare(cfg: TrainConfig) -> TrainConfig:
@@ -123,9 +150,17 @@ def parallelize(model: nn.Module, dist_info: Dist) -> nn.Module:
 
     mesh = init_device_mesh(dist_info.device.type, (dist_info.world_size,))
     for block in model.layers.values():
-        fully_shard(block, mesh=mesh)
+        fully_shard(block, mesh=mesh, shard_placement_fn=_shard_placement)
     fully_shard(model, mesh=mesh)
     return model
+
+
+def _shard_placement(param: nn.Parameter) -> Any:
+    """Stacked experts (3-D) shard along their second dimension, so each expert
+    is a plain row-sharded tensor for HF exports and loads; others: FSDP's default."""
+    from torch.distributed.tensor import Shard
+
+    return Shard(1) if param.dim() == 3 else None
 
 
 def set_determinism(seed: int, deterministic: bool) -> None:
@@ -154,7 +189,6 @@ def train(cfg: TrainConfig, dist_info: Dist) -> dict[str, Any]:
     """Run (or resume) training as ``cfg`` says; returns a small summary (rank 0's view)."""
     from ckpt_core.manager import CheckpointManager
     from ckpt_core.plugins import Converters
-    from ckpt_core.reference import LlamaStateDictAdapter, build_model
     from ckpt_core.trainer.data import SyntheticTokens
     from ckpt_core.trainer.metrics import MetricsWriter
     from ckpt_core.trainer.progress import Progress
@@ -163,15 +197,16 @@ def train(cfg: TrainConfig, dist_info: Dist) -> dict[str, Any]:
     tcfg = cfg.training
     set_determinism(tcfg.seed, tcfg.deterministic)
 
-    model = build_model(cfg.model.name)
-    adapter = LlamaStateDictAdapter(model.args)
+    family, hf_config = model_family_for(cfg.model.name)
+    model = family.build_model(hf_config)
+    adapter = family.adapter(hf_config)
     initial = cfg.resolved_checkpoint().initial_load
     if initial.path and initial.format != "dcp":
         adapter.name_or_path = initial.path  # e.g. PEFT's base_model_name_or_path
-    if tcfg.seq_len > model.args.max_seq_len:
+    max_seq_len = hf_config.get("max_position_embeddings", tcfg.seq_len)
+    if tcfg.seq_len > max_seq_len:
         raise ConfigError(
-            f"training.seq_len = {tcfg.seq_len} exceeds the model's max_seq_len "
-            f"{model.args.max_seq_len}."
+            f"training.seq_len = {tcfg.seq_len} exceeds the model's max_seq_len {max_seq_len}."
         )
     converters = Converters.from_config(cfg.converters.enabled, cfg.converters.options)
     converters.convert(model)
@@ -186,7 +221,7 @@ def train(cfg: TrainConfig, dist_info: Dist) -> dict[str, Any]:
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(tcfg.warmup_steps))
     loader = SyntheticTokens(
-        vocab_size=model.args.vocab_size,
+        vocab_size=hf_config["vocab_size"],
         seq_len=tcfg.seq_len,
         batch_size=tcfg.batch_size,
         seed=tcfg.seed,

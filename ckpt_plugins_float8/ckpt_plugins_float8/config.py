@@ -25,7 +25,9 @@ class Float8Config(ConverterConfig):
         default_factory=lambda: ["output"],
         description=(
             "Linears whose FQN contains one of these strings stay high precision; linears whose "
-            "in/out features are not divisible by 16 are always skipped (and logged)."
+            "in/out features are not divisible by 16 are always skipped (and logged), and so "
+            "are MoE routers (a linear in a `router` module, or a `gate` beside `experts`). "
+            "Stacked MoE expert weights (3-D, not nn.Linear) stay high precision."
         ),
     )
     enable_fsdp_float8_all_gather: bool = Field(

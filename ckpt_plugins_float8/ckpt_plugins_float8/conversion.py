@@ -1,8 +1,11 @@
 """Swapping ``nn.Linear`` modules for torchao's ``Float8Linear``.
 
 Which linears convert: every ``nn.Linear`` whose FQN contains none of
-``filter_fqns`` and whose in/out features are both divisible by 16 (float8
-matmuls need that). Whatever is skipped is logged once, with the reason.
+``filter_fqns``, that is no MoE router (:func:`ckpt_core.experts.router_linears`:
+routing stays high precision) and whose in/out features are both divisible by
+16 (float8 matmuls need that). Whatever is skipped is logged once, with the
+reason. Stacked MoE experts (3-D parameters) are not ``nn.Linear`` and stay
+high precision too.
 
 The swapped module keeps the same parameter objects, so the state dict keeps
 the same keys, shapes and (high-precision) dtypes: float8 exists only inside
@@ -20,6 +23,7 @@ from typing import Any
 from torch import nn
 
 from ckpt_core.errors import ConfigError, PluginError
+from ckpt_core.experts import router_linears
 from ckpt_core.model_wrapper import canonical_fqn
 from ckpt_plugins_float8.config import Float8Config
 
@@ -103,11 +107,18 @@ class Targets:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-def skip_reason(module: nn.Module, fqn: str, filter_fqns: list[str]) -> str | None:
-    """Why ``module`` at ``fqn`` stays high precision, or ``None`` when it converts."""
+def skip_reason(
+    module: nn.Module, fqn: str, filter_fqns: list[str], routers: set[str] | None = None
+) -> str | None:
+    """Why ``module`` at ``fqn`` stays high precision, or ``None`` when it converts.
+
+    ``routers``: canonical names of the model's MoE router linears.
+    """
     hits = [f for f in filter_fqns if f and f in fqn]
     if hits:
         return f"filter_fqns match {hits[0]!r}"
+    if routers and fqn in routers:
+        return "MoE router (routing stays high precision)"
     out_features, in_features = module.weight.shape
     if out_features % DIM_MULTIPLE or in_features % DIM_MULTIPLE:
         return (
@@ -126,13 +137,14 @@ def refuse_changed_linears(model: nn.Module, filter_fqns: list[str]) -> None:
     """
     from torchao.float8.float8_linear import Float8Linear
 
+    routers = _routers(model)
     changed = [
         (canonical_fqn(fqn), type(module).__name__)
         for fqn, module in model.named_modules()
         if isinstance(module, nn.Linear)
         and not isinstance(module, Float8Linear)
         and type(module).forward is not nn.Linear.forward
-        and skip_reason(module, canonical_fqn(fqn), filter_fqns) is None
+        and skip_reason(module, canonical_fqn(fqn), filter_fqns, routers) is None
     ]
     if changed:
         names = ", ".join(f"{fqn} ({cls})" for fqn, cls in changed[:4])
@@ -157,6 +169,7 @@ def convert_model(model: nn.Module, config: Float8Config, emulate: bool) -> Targ
         )
     refuse_changed_linears(model, config.filter_fqns)
     targets = Targets()
+    routers = _routers(model)
 
     def module_filter_fn(module: nn.Module, fqn: str) -> bool:
         name = canonical_fqn(fqn)
@@ -165,7 +178,7 @@ def convert_model(model: nn.Module, config: Float8Config, emulate: bool) -> Targ
             return False  # already converted (convert called twice)
         if not isinstance(module, nn.Linear):
             return False
-        reason = skip_reason(module, name, config.filter_fqns)
+        reason = skip_reason(module, name, config.filter_fqns, routers)
         if reason is not None:
             targets.skipped[name] = reason
             return False
@@ -194,6 +207,11 @@ def convert_model(model: nn.Module, config: Float8Config, emulate: bool) -> Targ
             config.filter_fqns,
         )
     return targets
+
+
+def _routers(model: nn.Module) -> set[str]:
+    """Canonical names of the MoE router linears of ``model``."""
+    return {canonical_fqn(name) for name in router_linears(model)}
 
 
 def precompute_scales(model_parts: list[nn.Module]) -> None:

@@ -20,7 +20,12 @@ class LoRAConfig(ConverterConfig):
     target_modules: list[str] = Field(
         default_factory=lambda: list(DEFAULT_TARGETS),
         min_length=1,
-        description="Native leaf names of the linears to adapt (wq, wk, wv, wo, w1, w2, w3).",
+        description=(
+            "Native leaf names of the linears to adapt (wq, wk, wv, wo, w1, w2, w3). Stacked MoE "
+            "expert weights (3-D moe.experts.w1/w2/w3, not nn.Linear) are skipped and stay "
+            "frozen: on an MoE model LoRA adapts the attention (and any dense feed-forward); "
+            "the router (gate) only when named."
+        ),
     )
     export: Literal["merged", "adapter", "both"] = Field(
         "both",

@@ -25,6 +25,7 @@ from ckpt_plugins_lora.layers import (
     attach_lora,
     freeze_all_but_adapters,
     select_targets,
+    skipped_expert_targets,
 )
 from ckpt_plugins_lora.merge import merge_adapters
 from ckpt_plugins_lora.peft_format import PeftLoraAdapter
@@ -68,6 +69,13 @@ class LoRAConverter(Converter):
         """Attach LoRA to every target linear and freeze everything else."""
         cfg = self.config
         targets = select_targets(model, list(cfg.target_modules))
+        skipped = skipped_expert_targets(model, list(cfg.target_modules))
+        if skipped:
+            logger.info(
+                "lora: targets %s name stacked MoE expert weights (not nn.Linear) here: those stay "
+                "frozen, without adapters",
+                skipped,
+            )
         for name, linear in targets.items():
             attach_lora(linear, cfg.rank, cfg.alpha, cfg.dropout)
             self.modules.add(canonical_fqn(name))

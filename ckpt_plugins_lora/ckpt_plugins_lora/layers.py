@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ckpt_core.errors import ConfigError
+from ckpt_core.experts import stacked_leaf_names
 
 #: Names of the adapter children of a target linear (also their state-dict segments).
 LORA_A = "lora_a"
@@ -138,13 +139,17 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
 def select_targets(model: nn.Module, target_modules: list[str]) -> dict[str, nn.Linear]:
     """The linears whose leaf name is in ``target_modules``, by module name.
 
-    Raises :class:`ConfigError` naming the unknown targets and listing the
-    model's linear leaf names when a target matches no linear, or when a target
-    is already adapted.
+    A target naming stacked MoE experts (3-D parameters such as
+    ``moe.experts.w1``, not ``nn.Linear``) selects nothing there: those stay
+    frozen, and :func:`skipped_expert_targets` names them. Raises
+    :class:`ConfigError` naming the unknown targets and listing the model's
+    linear leaf names when a target matches neither, when no linear is left, or
+    when a target is already adapted.
     """
     linears = linear_modules(model)
     leaves = sorted({name.rsplit(".", 1)[-1] for name in linears})
-    unknown = [t for t in target_modules if t not in leaves]
+    stacked = stacked_leaf_names(model)
+    unknown = [t for t in target_modules if t not in leaves and t not in stacked]
     if unknown:
         raise ConfigError(
             f"converters.lora.target_modules: {unknown} match no linear of the model. "
@@ -152,6 +157,12 @@ def select_targets(model: nn.Module, target_modules: list[str]) -> dict[str, nn.
         )
     wanted = set(target_modules)
     targets = {n: m for n, m in linears.items() if n.rsplit(".", 1)[-1] in wanted}
+    if not targets:
+        raise ConfigError(
+            f"converters.lora.target_modules: {target_modules} name only stacked MoE expert "
+            "weights, which LoRA does not adapt (they are not nn.Linear). Add linears to "
+            f"adapt; the model's linear leaf names are: {leaves}."
+        )
     already = [n for n, m in targets.items() if is_adapted(m)]
     if already:
         raise ConfigError(
@@ -159,6 +170,12 @@ def select_targets(model: nn.Module, target_modules: list[str]) -> dict[str, nn.
             "enable 'lora' once in converters.enabled."
         )
     return targets
+
+
+def skipped_expert_targets(model: nn.Module, target_modules: list[str]) -> list[str]:
+    """The targets that name stacked MoE expert weights, which LoRA leaves frozen."""
+    stacked = stacked_leaf_names(model)
+    return [t for t in target_modules if t in stacked]
 
 
 def freeze_all_but_adapters(model: nn.Module) -> tuple[int, int]:

@@ -38,7 +38,9 @@ class QATConfig(ConverterConfig):
         min_length=1,
         description=(
             "Native leaf names of the linears to quantize; `output` (lm_head) and the "
-            "embeddings always stay unquantized."
+            "embeddings always stay unquantized. MoE: stacked expert weights (3-D "
+            "moe.experts.w1/w2/w3, not nn.Linear) are skipped and exported unquantized; "
+            "naming a router (moe.router.gate, or a `gate` beside `experts`) is refused."
         ),
     )
 

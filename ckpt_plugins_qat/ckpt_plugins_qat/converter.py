@@ -19,6 +19,7 @@ from torch import nn
 from ckpt_core.adapter import StateDictAdapter
 from ckpt_core.converter import Converter
 from ckpt_core.errors import ConfigError
+from ckpt_core.experts import router_linears, stacked_leaf_names
 from ckpt_core.hookspecs import hookimpl
 from ckpt_core.model_wrapper import canonical_fqn
 from ckpt_plugins_qat.adapter import QATStateDictAdapter
@@ -74,11 +75,18 @@ class QATConverter(Converter):
         selected: set[str] = set()
         found: set[str] = set()
         linear_leaves: set[str] = set()
+        routers = router_linears(model)
         for name, module in model.named_modules():
             if not isinstance(module, nn.Linear):
                 continue
             leaf = name.rsplit(".", 1)[-1]
             linear_leaves.add(leaf)
+            if leaf in targets and name in routers:
+                raise ConfigError(
+                    f"converters.qat.targets: {leaf!r} names the MoE router {name!r}; routers "
+                    "stay in high precision (a quantized router changes which experts a token "
+                    f"reaches). Remove {leaf!r} from converters.qat.targets."
+                )
             if leaf not in targets:
                 self.unprepared.append(canonical_fqn(name))
                 continue
@@ -95,11 +103,25 @@ class QATConverter(Converter):
                 )
             check_linear(name, module.in_features, self.scheme, self.config.group_size)
             selected.add(name)
-        missing = sorted(targets - found)
+        stacked = stacked_leaf_names(model)
+        missing = sorted(targets - found - stacked)
         if missing:
             raise ConfigError(
                 f"converters.qat.targets: {missing} match no nn.Linear of the model. Linear "
                 f"leaf names in the model: {sorted(linear_leaves) or 'none'}."
+            )
+        experts = sorted(targets & stacked)
+        if experts:
+            logger.info(
+                "qat: targets %s name stacked MoE expert weights (not nn.Linear) here: those "
+                "stay in high precision and are exported unquantized",
+                experts,
+            )
+        if not found:
+            raise ConfigError(
+                f"converters.qat.targets: {sorted(targets)} name only stacked MoE expert "
+                "weights, which qat does not quantize (not nn.Linear). Add linears; the "
+                f"model's linear leaf names: {sorted(linear_leaves) or 'none'}."
             )
         base = self.scheme.base_config(self.config.group_size)
         quantize_(

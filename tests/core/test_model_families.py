@@ -202,9 +202,12 @@ def test_an_unknown_manifest_adapter_lists_the_installed_families():
 
 
 def test_model_flavors_resolve_through_their_family(family_dist):
-    family, config = family_for_model("tiny")
+    family, config = family_for_model("llama:tiny")
     assert family.name == "llama" and config["model_type"] == "llama"
-    assert family_for_model("llama:tiny")[1] == config
+    assert family_for_model("small")[0].name == "llama"  # offered by one family only
+    with pytest.raises(ConfigError) as err:  # ckpt-core's qwen3 and moe offer it too
+        family_for_model("tiny")
+    assert "pass one of llama:tiny, moe:tiny, qwen3:tiny" in _one_line(err.value)
     with pytest.raises(ConfigError) as err:
         family_for_model("huge")
     assert "llama: tiny, debug, small, 1b" in _one_line(err.value)
