@@ -10,6 +10,11 @@ apart (each says so in its options, shown by ``ckpt plugins``):
   swap or wrap linears (LoRA, QAT, Float8) cannot adapt them and skip them.
   :func:`stacked_leaf_names` lets a converter tell "names stacked experts,
   skipped" from "names nothing in the model".
+* A module holding stacked experts may let converters see its weights the way
+  a converter swaps a linear: a dict attribute :data:`WEIGHT_TRANSFORMS`
+  (``{parameter name: fn}``), whose ``fn(weight)`` its forward uses instead of
+  the parameter (the reference MoE's ``GroupedExperts``; QAT fake-quantizes
+  experts through it). Parameters and names do not change.
 * **Routers**: the linear that scores the experts of each token. A small
   change of its output flips the top-k choice, so low-precision converters
   leave it alone. :func:`router_linears` finds it by structure: a linear inside
@@ -20,6 +25,9 @@ apart (each says so in its options, shown by ``ckpt plugins``):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 from torch import nn
 
 #: A parameter with this many dimensions or more holds stacked experts.
@@ -55,3 +63,27 @@ def router_linears(model: nn.Module) -> set[str]:
         ):
             found.add(name)
     return found
+
+
+#: Attribute of a module holding stacked experts: ``{parameter name: fn}`` applied
+#: to the whole stacked weight each time the forward reads it.
+WEIGHT_TRANSFORMS = "expert_weight_transforms"
+
+
+def transformable_experts(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules that hold stacked parameters and a :data:`WEIGHT_TRANSFORMS` dict, by name."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, WEIGHT_TRANSFORMS, None), dict)
+        and any(p.dim() >= STACKED_DIMS for p in module.parameters(recurse=False))
+    }
+
+
+def expert_weight(module: nn.Module, name: str) -> torch.Tensor:
+    """Parameter ``name`` of ``module`` as its forward should use it (transformed if asked)."""
+    weight = getattr(module, name)
+    fn: Callable[[torch.Tensor], torch.Tensor] | None = getattr(module, WEIGHT_TRANSFORMS, {}).get(
+        name
+    )
+    return weight if fn is None else fn(weight)

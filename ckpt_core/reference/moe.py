@@ -18,19 +18,22 @@ Each token's output is the sum over its ``top_k`` experts of
 transformers does. Layers in ``mlp_only_layers``, or off the
 ``decoder_sparse_step`` grid, have a dense ``feed_forward`` instead.
 
-The stacked tensors are not ``nn.Linear``: LoRA, QAT and Float8 leave them (and
-the router) in high precision and say so (``ckpt plugins``). No auxiliary
+The stacked tensors are not ``nn.Linear``: LoRA and Float8 leave them (and the
+router) in high precision and say so (``ckpt plugins``); QAT fake-quantizes them
+through ``expert_weight_transforms`` (:mod:`ckpt_core.experts`). No auxiliary
 load-balancing loss is added; HF's does not change the logits either.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ckpt_core.experts import expert_weight
 from ckpt_core.reference.model import FeedForward, ModelArgs, RMSNorm
 from ckpt_core.reference.qwen3 import Qwen3Args, Qwen3Attention, Qwen3Transformer
 
@@ -98,6 +101,8 @@ class GroupedExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        #: Converters' views of the weights (QAT's fake quantization): name → fn.
+        self.expert_weight_transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
 
     def init_weights(self, std: float) -> None:
         """Normal initialization of every expert, like the linears."""
@@ -107,14 +112,15 @@ class GroupedExperts(nn.Module):
     def forward(
         self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
     ) -> torch.Tensor:
+        w1, w2, w3 = (expert_weight(self, name) for name in ("w1", "w2", "w3"))
         out = torch.zeros_like(x)
         for e in range(self.num_experts):
             token, slot = torch.where(experts == e)
             if token.numel() == 0:
                 continue
             h = x[token]
-            h = F.silu(F.linear(h, self.w1[e])) * F.linear(h, self.w3[e])
-            h = F.linear(h, self.w2[e]) * weights[token, slot, None]
+            h = F.silu(F.linear(h, w1[e])) * F.linear(h, w3[e])
+            h = F.linear(h, w2[e]) * weights[token, slot, None]
             out = out.index_add(0, token, h.to(out.dtype))
         return out
 
@@ -165,8 +171,8 @@ class MoETransformer(Qwen3Transformer):
                 module.init_weights(std)
 
 
-#: ``tiny``: tests (4 experts, 2 per token). ``debug``: 8 experts with dims that are
-#: multiples of 128 outside the router (QAT group size 128 on the attention).
+#: ``tiny``: tests (4 experts, 2 per token). ``debug``: 8 experts. Every dimension
+#: outside the router is a multiple of 128 (QAT group size 128, experts included).
 MOE_FLAVORS: dict[str, MoEArgs] = {
     "tiny": MoEArgs(
         dim=128,
@@ -177,7 +183,7 @@ MOE_FLAVORS: dict[str, MoEArgs] = {
         ffn_hidden_dim=256,
         num_experts=4,
         top_k=2,
-        moe_hidden_dim=64,
+        moe_hidden_dim=128,
     ),
     "debug": MoEArgs(
         dim=256,

@@ -11,6 +11,8 @@ and the experts: one native tensor ``layers.N.moe.experts.w1`` of shape
 Hub, which transformers stacks again as it loads. ``to_hf`` hands out views
 (``w1[e]``), so an HF load through ``read_into`` fills the live tensor, and
 ``from_hf`` stacks the experts back, refusing a layer with a missing expert.
+A converter's entry of one expert (QAT's ``layers.N.moe.experts.w1.<e>.weight_packed``)
+is named ``model.layers.N.mlp.experts.<e>.gate_proj.weight_packed``.
 
 FSDP2 shards the stacked tensors along the experts by default (``Shard(0)``);
 ``to_hf`` then first redistributes them along the next dimension (an
@@ -46,7 +48,9 @@ MOE_KEYS = QWEN3_KEYS.extended({"moe.router.gate": "mlp.gate"})
 #: Native stacked expert weight → HF per-expert projection.
 EXPERT_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _NATIVE_EXPERTS = re.compile(r"^layers\.(\d+)\.moe\.experts\.(w1|w2|w3)$")
-_HF_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight$")
+#: One expert's converter entry (QAT's ``<stacked key>.<e>.weight_packed``).
+_NATIVE_EXPERT_ENTRY = re.compile(r"^layers\.(\d+)\.moe\.experts\.(w1|w2|w3)\.(\d+)\.(\w+)$")
+_HF_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.(\w+)$")
 _PROJ_NATIVE = {v: k for k, v in EXPERT_PROJ.items()}
 
 
@@ -85,6 +89,11 @@ class MoEStateDictAdapter(Qwen3StateDictAdapter):
         rest: dict[str, Any] = {}
         out: dict[str, Any] = {}
         for fqn, value in state_dict.items():
+            entry = _NATIVE_EXPERT_ENTRY.match(fqn)
+            if entry is not None:
+                layer, weight, e, suffix = entry.groups()
+                out[f"model.layers.{layer}.mlp.experts.{e}.{EXPERT_PROJ[weight]}.{suffix}"] = value
+                continue
             m = _NATIVE_EXPERTS.match(fqn)
             if m is None:
                 rest[fqn] = value
@@ -96,16 +105,20 @@ class MoEStateDictAdapter(Qwen3StateDictAdapter):
 
     def from_hf(self, hf_state_dict: dict[str, Any]) -> dict[str, Any]:
         rest: dict[str, Any] = {}
+        rest_out: dict[str, Any] = {}
         experts: dict[str, dict[int, Any]] = {}
         for name, value in hf_state_dict.items():
             m = _HF_EXPERT.match(name)
             if m is None or m.group(3) not in _PROJ_NATIVE:
                 rest[name] = value
                 continue
-            layer, e, proj = m.groups()
+            layer, e, proj, suffix = m.groups()
             fqn = f"layers.{layer}.moe.experts.{_PROJ_NATIVE[proj]}"
+            if suffix != "weight":  # a converter's entry of one expert
+                rest_out[f"{fqn}.{e}.{suffix}"] = value
+                continue
             experts.setdefault(fqn, {})[int(e)] = value
-        out = super().from_hf(rest)
+        out = {**super().from_hf(rest), **rest_out}
         n = self.args.num_experts
         for fqn, parts in experts.items():
             missing = [e for e in range(n) if e not in parts]

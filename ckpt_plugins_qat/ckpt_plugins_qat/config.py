@@ -38,9 +38,11 @@ class QATConfig(ConverterConfig):
         min_length=1,
         description=(
             "Native leaf names of the linears to quantize; `output` (lm_head) and the "
-            "embeddings always stay unquantized. MoE: stacked expert weights (3-D "
-            "moe.experts.w1/w2/w3, not nn.Linear) are skipped and exported unquantized; "
-            "naming a router (moe.router.gate, or a `gate` beside `experts`) is refused."
+            "embeddings always stay unquantized. MoE: stacked expert weights named here "
+            "(moe.experts.w1/w2/w3) are fake-quantized expert by expert and exported per "
+            "expert with weight-only schemes; with int8_dynamic_act_int4_weight, or in a model "
+            "without the expert_weight_transforms hook, they are skipped (high precision, "
+            "logged); naming a router (moe.router.gate, or a `gate` beside `experts`) is refused."
         ),
     )
 

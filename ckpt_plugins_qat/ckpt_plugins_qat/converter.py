@@ -19,11 +19,17 @@ from torch import nn
 from ckpt_core.adapter import StateDictAdapter
 from ckpt_core.converter import Converter
 from ckpt_core.errors import ConfigError
-from ckpt_core.experts import router_linears, stacked_leaf_names
+from ckpt_core.experts import (
+    WEIGHT_TRANSFORMS,
+    router_linears,
+    stacked_leaf_names,
+    transformable_experts,
+)
 from ckpt_core.hookspecs import hookimpl
 from ckpt_core.model_wrapper import canonical_fqn
 from ckpt_plugins_qat.adapter import QATStateDictAdapter
 from ckpt_plugins_qat.config import QATConfig
+from ckpt_plugins_qat.experts import StackedFakeQuantizer, supports_experts
 from ckpt_plugins_qat.export import is_quantizer_state, quantize_state_dict
 from ckpt_plugins_qat.schemes import Scheme, get_scheme
 
@@ -62,6 +68,10 @@ class QATConverter(Converter):
         self.prepared: list[str] = []
         #: Canonical names of the linears ``convert`` left alone (HF ``ignore``).
         self.unprepared: list[str] = []
+        #: Canonical names of the stacked MoE expert weights ``convert`` fake-quantized.
+        self.prepared_experts: list[str] = []
+        #: Whether ``convert`` ran in this process (offline tools guess from names).
+        self.converted = False
 
     # -- hooks --------------------------------------------------------------------
 
@@ -110,18 +120,25 @@ class QATConverter(Converter):
                 f"converters.qat.targets: {missing} match no nn.Linear of the model. Linear "
                 f"leaf names in the model: {sorted(linear_leaves) or 'none'}."
             )
-        experts = sorted(targets & stacked)
-        if experts:
-            logger.info(
-                "qat: targets %s name stacked MoE expert weights (not nn.Linear) here: those "
-                "stay in high precision and are exported unquantized",
-                experts,
+        experts = self._prepare_experts(model, targets)
+        left = sorted((targets & stacked) - experts)
+        if left:
+            why = (
+                f"scheme {self.scheme.name!r} quantizes linear inputs too"
+                if not supports_experts(self.scheme)
+                else "their module has no expert_weight_transforms hook"
             )
-        if not found:
+            logger.info(
+                "qat: targets %s name stacked MoE expert weights that stay in high precision "
+                "(%s) and are exported unquantized",
+                left,
+                why,
+            )
+        if not found and not experts:
             raise ConfigError(
                 f"converters.qat.targets: {sorted(targets)} name only stacked MoE expert "
-                "weights, which qat does not quantize (not nn.Linear). Add linears; the "
-                f"model's linear leaf names: {sorted(linear_leaves) or 'none'}."
+                f"weights, which scheme {self.scheme.name!r} does not quantize. Add linears; "
+                f"the model's linear leaf names: {sorted(linear_leaves) or 'none'}."
             )
         base = self.scheme.base_config(self.config.group_size)
         quantize_(
@@ -130,12 +147,32 @@ class QATConverter(Converter):
             filter_fn=lambda _module, fqn: fqn in selected,
         )
         self.prepared.extend(canonical_fqn(n) for n in sorted(selected))
+        self.converted = True
         logger.info(
-            "qat: %s fake quantization on %d linears (group_size %s)",
+            "qat: %s fake quantization on %d linears and %d stacked expert weights (group_size %s)",
             self.scheme.name,
             len(selected),
+            len(self.prepared_experts),
             self.config.group_size if self.scheme.granularity == "group" else "per channel",
         )
+
+    def _prepare_experts(self, model: nn.Module, targets: set[str]) -> set[str]:
+        """Fake-quantize the targeted stacked experts; returns the leaf names prepared."""
+        if not supports_experts(self.scheme):
+            return set()
+        done = set()
+        fake_quantize = StackedFakeQuantizer(self.scheme, self.config.group_size)
+        for name, module in transformable_experts(model).items():
+            for leaf, param in module.named_parameters(recurse=False):
+                if param.dim() < 3 or leaf not in targets:
+                    continue
+                fqn = f"{name}.{leaf}" if name else leaf
+                check_linear(fqn, param.shape[-1], self.scheme, self.config.group_size)
+                getattr(module, WEIGHT_TRANSFORMS)[leaf] = fake_quantize
+                if canonical_fqn(fqn) not in self.prepared_experts:
+                    self.prepared_experts.append(canonical_fqn(fqn))
+                done.add(leaf)
+        return done
 
     @hookimpl
     def key_filter(self, fqn: str) -> bool:
@@ -146,7 +183,11 @@ class QATConverter(Converter):
     def state_dict_transform(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """Targeted ``<mod>.weight`` → compressed-tensors integer entries."""
         out, modules = quantize_state_dict(
-            state_dict, self.scheme, self.config.group_size, self.config.targets
+            state_dict,
+            self.scheme,
+            self.config.group_size,
+            self.config.targets,
+            stacked=self.prepared_experts if self.converted else None,
         )
         if not modules:
             logger.warning(

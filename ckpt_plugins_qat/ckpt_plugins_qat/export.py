@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ckpt_core.dtensor_utils import full_tensor
+from ckpt_plugins_qat.experts import stacked_target_keys
 from ckpt_plugins_qat.quantize import pack_int32, quantize_weight
 from ckpt_plugins_qat.schemes import Scheme
 
@@ -133,21 +134,33 @@ def compressed_entries(
 
 
 def quantize_state_dict(
-    state_dict: dict[str, Any], scheme: Scheme, group_size: int, targets: Iterable[str]
+    state_dict: dict[str, Any],
+    scheme: Scheme,
+    group_size: int,
+    targets: Iterable[str],
+    stacked: Iterable[str] | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """Replace every targeted weight by its compressed entries.
 
+    ``stacked``: keys of stacked MoE experts trained with fake quantization
+    (``None``: the 3-D entries named by ``targets``, as an offline tool must
+    guess); each expert ``e`` becomes ``<key>.<e>.weight_packed`` and so on.
     Returns the new state dict (input order kept; fake-quantizer state dropped)
     and the module names that were quantized. The input dict and its tensors are
     not modified.
     """
     keys = set(target_weight_keys(state_dict, targets))
+    experts = set(stacked_target_keys(state_dict, targets, scheme) if stacked is None else stacked)
     out: dict[str, Any] = {}
     modules = []
     for key, value in state_dict.items():
         if is_quantizer_state(key):
             continue
-        if key in keys:
+        if key in experts:
+            for e in range(value.shape[0]):
+                out.update(compressed_entries(f"{key}.{e}", value[e], scheme, group_size))
+            modules.append(key)
+        elif key in keys:
             module = module_of(key)
             learned = state_dict.get(f"{module}.weight_fake_quantizer.scale")
             out.update(compressed_entries(module, value, scheme, group_size, learned))
