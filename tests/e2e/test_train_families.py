@@ -1,9 +1,9 @@
-"""``ckpt train --model.name moe:tiny``: the stacked-expert family through the real CLI.
+"""``ckpt train --model.name moe:tiny`` / ``qwen3:tiny``: the native families through the CLI.
 
 On 1 and 2 ranks a run stopped at step 5 and restarted to step 8 logs bitwise the
 losses of an uninterrupted run, and its HF export (per-expert keys) loads in
 transformers with the logits of the native model loaded from it. Each bundled
-converter trains the MoE a few steps and its export loads too.
+converter trains the MoE a few steps and its export loads too, and so does a Qwen3 run.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ MOE = ["--model.name", "moe:tiny"]
 EXPORT = ["--checkpoint.export.enable", "true", "--checkpoint.export.dtype", "float32"]
 
 
-def _hf_logits(path: str, x: torch.Tensor) -> torch.Tensor:
+def _hf_logits(path: str, x: torch.Tensor, cls: str = "Qwen3MoeForCausalLM") -> torch.Tensor:
     import transformers
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    assert type(hf).__name__ == "Qwen3MoeForCausalLM"
+    assert type(hf).__name__ == cls
     with torch.no_grad():
         return hf(input_ids=x, use_cache=False).logits
 
@@ -77,3 +77,13 @@ def test_moe_trains_with_each_converter_and_its_export_loads(tmp_path, converter
         assert config["quantization_config"]["quant_method"] == "compressed-tensors"
     x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(_hf_logits(str(export), x)).all()
+
+
+def test_qwen3_trains_and_its_export_loads_with_the_native_logits(tmp_path):
+    t.run_ok(t.command(tmp_path, "--model.name", "qwen3:tiny", *EXPORT, steps=3), tmp_path)
+    export = str(tmp_path / "export" / "step-3")
+    native, _ = native_from_hf_folder(export, "qwen3")
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = _hf_logits(export, x, "Qwen3ForCausalLM")
+        assert (got - native(x)).abs().max().item() < 1e-4
