@@ -115,8 +115,10 @@ def check_step(folder: str, step: int, *, explicit: bool = False) -> dict[str, A
             if intact is not None
             else "No other intact step exists in this folder."
         )
-        listed = "\n".join(f"  {path}/{p}" for p in problems)
-        raise CheckpointError(f"Checkpoint {path} is damaged:\n{listed}\n{hint}")
+        listed = "; ".join(str(p) for p in problems[:3])
+        if len(problems) > 3:
+            listed += f"; and {len(problems) - 3} more"
+        raise DamagedCheckpointError(f"Checkpoint {path} is damaged ({listed}). {hint}")
     return found or {}
 
 

@@ -99,6 +99,7 @@ def test_a_damaged_newest_step_is_refused_naming_the_file_and_the_newest_intact_
     assert "__0_0.distcp: truncated" in message
     assert "load_step = 2" in message  # step-3 has no manifest, so it is not "intact"
     assert f"ckpt verify {tmp_path / 'step-2'}" in message
+    assert "\n" not in message  # one line
     fixed = Trainable(seed=3, folder=str(tmp_path), load_step=2)
     fixed.manager.load()
     assert_same(snapshot(fixed.model), weights[2])
