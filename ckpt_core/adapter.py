@@ -74,6 +74,20 @@ class StateDictAdapter(ABC):
         """
         return None
 
+    def convert_group(self, fqn: str) -> str | None:
+        """Name of the tensor group ``fqn`` is converted with, or ``None`` for the default.
+
+        ``ckpt convert`` streams: it reads, converts and writes one group of
+        tensors at a time. By default a key joins its module's group, folded
+        into the outermost ancestor module holding tensors of its own (LoRA
+        factors meet their weight, an MoE layer's stacked experts meet each
+        other). An adapter whose ``to_hf`` / ``from_hf`` combines tensors of
+        different modules (a fused ``qkv`` split from separate ``q``, ``k``,
+        ``v`` modules) returns one name for all of them. Keys with equal names
+        form one group.
+        """
+        return None
+
     def describe(self) -> dict[str, Any]:
         """JSON-able description recorded in checkpoint manifests.
 

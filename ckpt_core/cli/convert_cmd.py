@@ -9,10 +9,12 @@ One process reads a source written on any number of ranks:
   manifest's ``model`` entry, or from ``--model`` when it has none;
 * a checkpoint folder of ``step-<N>`` folders: the latest step (or ``--step``).
 
-The model is built fresh, the converters are applied (by default those recorded
-in the source's manifest, with their options, so a LoRA checkpoint becomes a
-merged model; ``--converters none`` exports the raw full view), the weights are
-loaded and :func:`ckpt_core.exporter.write_export` writes DST.
+The model is never built: it is planned on the ``meta`` device with the
+converters applied (by default those recorded in the source's manifest, with
+their options, so a LoRA checkpoint becomes a merged model; ``--converters
+none`` exports the raw full view), then read, converted and written one group
+of tensors at a time (:mod:`ckpt_core.streaming_convert`), by ``--workers``
+processes. The output is what :func:`ckpt_core.exporter.write_export` writes.
 """
 
 from __future__ import annotations
@@ -51,6 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step", type=int, default=None, help="step of a checkpoint folder")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     parser.add_argument("--no-progress", action="store_true", help="no progress display")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes writing the output files at once (the files are the same for any N)",
+    )
 
 
 def _converters(
@@ -96,7 +104,8 @@ def _converters(
     return Converters.from_config(names, options)
 
 
-def _progress(enabled: bool):
+def _progress(enabled: bool, width: int = 0):
+    """A rich progress display (``None`` when disabled); descriptions get ``width`` columns."""
     import contextlib
 
     if not enabled:
@@ -106,17 +115,51 @@ def _progress(enabled: bool):
         DownloadColumn,
         Progress,
         TextColumn,
-        TimeRemainingColumn,
         TransferSpeedColumn,
     )
+    from rich.table import Column
 
     return Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", table_column=Column(min_width=width, no_wrap=True)),
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
-        TimeRemainingColumn(),
+        TextColumn("{task.fields[tensors]}"),
     )
+
+
+def _reporter(bar, folder: str, dst: str, conversion):
+    """Progress of reading and writing (bytes and tensors) on the rich bar."""
+    import threading
+
+    from ckpt_core.streaming_convert import Reporter
+
+    if bar is None:
+        return Reporter()
+    full = conversion.full
+    read_total = sum(
+        full[k].numel() * full[k].element_size() for k in conversion.sources.read_keys(full)
+    )
+    count = sum(len(f.entries) for f in conversion.plan.files)
+    reading = bar.add_task(f"reading {folder}", total=read_total, tensors="")
+    writing = bar.add_task(
+        f"writing {dst}", total=conversion.plan.data_bytes, tensors=f"0/{count} tensors"
+    )
+
+    class _Bar(Reporter):
+        def __init__(self) -> None:
+            self.lock = threading.Lock()
+            self.tensors = 0
+
+        def read(self, nbytes: int) -> None:
+            bar.advance(reading, nbytes)
+
+        def wrote(self, nbytes: int, tensors: int) -> None:
+            with self.lock:
+                self.tensors += tensors
+                bar.update(writing, advance=nbytes, tensors=f"{self.tensors}/{count} tensors")
+
+    return _Bar()
 
 
 def convert(
@@ -130,21 +173,22 @@ def convert(
     step: int | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    workers: int = 1,
 ) -> str:
-    """Convert ``src`` into ``dst``; returns the source folder actually read."""
+    """Convert ``src`` into ``dst``, one group of tensors at a time; returns the folder read."""
     from ckpt_core.cli import convert_dest
     from ckpt_core.cli.convert_source import (
         architecture,
-        load_source,
+        hf_load_format,
         resolve_source,
         source_float_dtype,
     )
     from ckpt_core.cli.failures import unwrap
-    from ckpt_core.errors import CheckpointError
-    from ckpt_core.exporter import write_export
-    from ckpt_core.model_wrapper import ModelWrapper
+    from ckpt_core.errors import CheckpointError, ConfigError
     from ckpt_core.storage import manifest, pins
 
+    if workers < 1:
+        raise ConfigError(f"convert: --workers {workers} must be 1 or more.")
     target = convert_dest.prepare(dst, overwrite=overwrite)
     folder, kind = resolve_source(src, step)
     if overwrite and _inside(folder, dst):
@@ -157,33 +201,28 @@ def convert(
     # An export (HF or DCP) already holds the export view: no converters by default.
     is_export = (recorded or {}).get("kind") == "export"
     convs = _converters(converters, (recorded or {}).get("converters"), is_export=is_export)
-    _check_size(family, config, folder, kind, model, recorded)
-    adapter = family.adapter(config)
-    net = _build(family, config)
-    convs.convert(net)
-    wrapper = ModelWrapper(net, convs)
-    if dtype is None:  # keep the source's dtype (the model was built in fp32)
+    what = _source_words(folder, kind, model)
+    _check_size(family, config, folder, kind, what, recorded)
+    quantized = kind == "hf" and hf_load_format(config) == "hf_quantized"
+    if dtype is None:  # keep the source's dtype (the model's containers are its own)
         dtype = source_float_dtype(folder, kind)
-    with _progress(progress) as bar:
-        if bar is not None:
-            size = sum(t.numel() * t.element_size() for t in wrapper.state_dict("full").values())
-            reading = bar.add_task(f"reading {folder}", total=size)
-        with pins.reading(folder):  # a training run's retention keeps the step meanwhile
-            load_source(wrapper, folder, kind, config, adapter, convs, recorded)
-        if bar is not None:
-            bar.update(reading, completed=size)
-            task = bar.add_task(f"writing {dst}", total=None)
+    with pins.reading(folder):  # a training run's retention keeps the step meanwhile
         try:
-            write_export(
-                wrapper,
+            _stream(
+                folder,
+                kind,
+                family,
+                config,
+                convs,
+                recorded,
                 target,
-                fmt=to,
+                to=to,
                 dtype=dtype,
-                sd_adapter=adapter,
-                converters=convs,
-                step=(recorded or {}).get("step"),
-                on_total=(lambda n: bar.update(task, total=n)) if bar is not None else None,
-                progress=(lambda n: bar.advance(task, n)) if bar is not None else None,
+                quantized=quantized,
+                what=what,
+                workers=workers,
+                progress=progress,
+                dst=dst,
             )
         except BaseException as exc:
             convert_dest.discard(target, overwrite=overwrite)
@@ -197,6 +236,78 @@ def convert(
     return folder
 
 
+def _stream(folder, kind, family, config, convs, recorded, target, **opts) -> None:
+    """Plan, check, write and commit the conversion into ``target``."""
+    from ckpt_core.exporter import _write_manifest, tmp_path_for
+    from ckpt_core.storage import layout
+    from ckpt_core.storage.hf_writer import DEFAULT_MAX_SHARD_BYTES
+    from ckpt_core.streaming_convert import (
+        DCP_FILE_BYTES,
+        Conversion,
+        Request,
+        finish,
+        write_all,
+    )
+
+    tmp = tmp_path_for(target)
+    request = Request(
+        folder=folder,
+        kind=kind,
+        family=family.name,
+        config=config,
+        converters=convs.describe(),
+        fmt=opts["to"],
+        dtype=opts["dtype"],
+        out=tmp,
+        max_file_bytes=DEFAULT_MAX_SHARD_BYTES if opts["to"] == "hf" else DCP_FILE_BYTES,
+        hf_quantized=opts["quantized"],
+        base=_base(folder, recorded),
+    )
+    conversion = Conversion(request, family=family)
+    conversion.sources.check(conversion.full, opts["what"], folder)
+    if layout.exists(target):
+        raise FileExistsError(f"{target} already exists; refusing to overwrite an export.")
+    layout.remove_tree(tmp)  # leftovers of a crashed convert
+    layout.makedirs(tmp)
+    for adapter in conversion.converter.subfolder_parts().values():
+        layout.makedirs(layout.join(tmp, adapter.subfolder.strip("/")))
+    width = len("writing ") + max(len(folder), len(opts["dst"]))
+    with _progress(opts["progress"], width) as bar:
+        reporter = _reporter(bar, folder, opts["dst"], conversion)
+        results = write_all(conversion, request, opts["workers"], reporter)
+    known = finish(conversion, results)
+    step = (recorded or {}).get("step")
+    _write_manifest(tmp, known, step, 1, conversion.converters, conversion.adapter)
+    layout.commit(tmp, target)
+
+
+def _base(folder: str, recorded) -> tuple[str, str] | None:
+    """An owned-only checkpoint's base as ``(folder, format)``, from its manifest."""
+    base = (recorded or {}).get("base")
+    if not base:
+        return None
+    from ckpt_core.cli.convert_source import resolve_source
+    from ckpt_core.config import InitialLoadConfig
+    from ckpt_core.owned_only import base_to_load
+
+    initial = base_to_load(base, InitialLoadConfig())
+    logger.info("convert: %s holds converter-owned weights only; base: %s", folder, initial.path)
+    if initial.format == "dcp":
+        return resolve_source(initial.path, None)[0], "dcp"
+    return initial.path, initial.format
+
+
+def _source_words(folder: str, kind: str, model: str | None) -> str:
+    """Where the source's architecture comes from, in an error message's words."""
+    from ckpt_core.storage import layout
+
+    if model is not None:
+        return f"--model {model}"
+    if kind == "hf":
+        return layout.join(folder, "config.json")
+    return f"the 'model' entry of {layout.join(folder, 'manifest.json')}"
+
+
 def _inside(path: str, folder: str) -> bool:
     """Whether local ``path`` is ``folder`` or lies inside it."""
     from ckpt_core.storage import layout
@@ -207,7 +318,7 @@ def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def _check_size(family, config, folder: str, kind: str, model: str | None, recorded) -> None:
+def _check_size(family, config, folder: str, kind: str, source: str, recorded) -> None:
     """Refuse declared sizes that are malformed or that the source's data cannot hold.
 
     Runs before the model is built: the config's size fields are checked
@@ -215,16 +326,11 @@ def _check_size(family, config, folder: str, kind: str, model: str | None, recor
     ``check_config`` when it has one), then the parameters of
     the model built on the ``meta`` device (no memory) are compared with the
     bytes of the source's files; each parameter takes at least one stored byte.
+    ``source`` names where the config came from.
     """
     from ckpt_core.hf_config_checks import check_sizes
     from ckpt_core.storage import layout
 
-    if model is not None:
-        source = f"--model {model}"
-    elif kind == "hf":
-        source = layout.join(folder, "config.json")
-    else:
-        source = f"the 'model' entry of {layout.join(folder, 'manifest.json')}"
     # Bounds of the fields present; which fields a config needs is its family's to say.
     check_sizes(config, source=source, required=False)
     if family.check_config is not None:
@@ -259,22 +365,6 @@ def _regular_file_bytes(folder: str) -> int:
     return total
 
 
-def _build(family, config):
-    """The model built from ``config``; running out of memory is one line naming its size."""
-    try:
-        return family.build_model(config)
-    except (MemoryError, RuntimeError) as exc:
-        if not isinstance(exc, MemoryError) and "alloc" not in str(exc).lower():
-            raise
-        from ckpt_core.errors import CheckpointError
-
-        params = sum(p.numel() for p in family.build_model(config, device="meta").parameters())
-        raise CheckpointError(
-            f"convert: building the model ({params:,} parameters, {params * 4 / 2**30:.1f} GiB "
-            "in fp32) ran out of memory; convert on a machine with more memory."
-        ) from None
-
-
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     """Run ``ckpt convert``."""
     folder = convert(
@@ -287,6 +377,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         step=args.step,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        workers=args.workers,
     )
     print(f"converted {folder} -> {args.dst} ({args.to})")
     return 0

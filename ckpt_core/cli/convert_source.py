@@ -5,8 +5,9 @@
 * :func:`architecture`: the model family and HF config, from ``config.json``, the
   manifest's ``model`` entry, or ``--model``;
 * :func:`source_float_dtype`: the one floating dtype the source holds, if unique;
-* :func:`load_source`: fills a freshly built model from the source (an owned-only
-  checkpoint's base first), refusing float8 codes it would widen without scales.
+* :func:`hf_load_format`: how an HF source's weights are read (fp8 with scales or plain).
+
+Reading the weights themselves is :mod:`ckpt_core.convert_sources`' (one group at a time).
 """
 
 from __future__ import annotations
@@ -97,89 +98,6 @@ def source_float_dtype(folder: str, kind: str) -> str | None:
                     if dtype is not None and is_castable(dtype):
                         dtypes.add(dtype)
     return dtype_name(dtypes.pop()) if len(dtypes) == 1 else None
-
-
-def load_source(wrapper, folder, kind, config, adapter, convs, recorded=None) -> None:
-    """Fill the freshly built model from the source folder.
-
-    A checkpoint that holds only converter-owned weights (LoRA
-    ``trainable_only_checkpoints``) gets its base from the manifest's ``base``
-    entry first (checksum-checked), as a resume would.
-    """
-    from ckpt_core.exporter import load_hf
-
-    if kind == "hf":
-        load_hf(wrapper, folder, fmt=hf_load_format(config), sd_adapter=adapter, converters=convs)
-        return
-    base = (recorded or {}).get("base")
-    if base:
-        from ckpt_core.config import InitialLoadConfig
-        from ckpt_core.owned_only import base_to_load
-
-        initial = base_to_load(base, InitialLoadConfig())
-        logger.info(
-            "convert: %s holds converter-owned weights only; base: %s", folder, initial.path
-        )
-        if initial.format == "dcp":
-            base_folder, _ = resolve_source(initial.path, None)
-            _load_dcp(wrapper, base_folder, keep=lambda k: not convs.key_filter(k), strict=False)
-        else:
-            load_hf(wrapper, initial.path, fmt=initial.format, sd_adapter=adapter, converters=convs)
-    _load_dcp(wrapper, folder, keep=None, strict=not base)
-
-
-def _load_dcp(wrapper, folder: str, *, keep, strict: bool) -> None:
-    """Load the model keys ``folder`` holds (those ``keep`` accepts) into ``wrapper``.
-
-    With ``strict``, a model key the checkpoint lacks is an error naming it.
-    """
-    from ckpt_core.errors import CheckpointError
-    from ckpt_core.exporter import single_process_quiet
-    from ckpt_core.storage.safe_metadata import read_metadata, safe_load
-
-    metadata = read_metadata(folder)
-    saved = metadata.state_dict_metadata
-    full = wrapper.state_dict("full")
-    state = {k: v for k, v in full.items() if keep is None or keep(k)}
-    missing = sorted(k for k in state if f"model.{k}" not in saved)
-    if missing and strict:
-        raise CheckpointError(
-            f"convert: {folder} lacks {len(missing)} model tensors: {missing[:5]}. Is it a "
-            "checkpoint of this architecture, written with these converters (--converters)?"
-        )
-    # Keys the model lacks are skipped on purpose (--converters none leaves LoRA factors
-    # out), but float8 values loaded into a wider container would be raw, unscaled codes.
-    narrowed = sorted(
-        k
-        for k, v in state.items()
-        if k not in missing and _is_quantized_into_wider(saved[f"model.{k}"], v)
-    )
-    if narrowed:
-        dtype = saved[f"model.{narrowed[0]}"].properties.dtype
-        raise CheckpointError(
-            f"convert: {folder} stores {len(narrowed)} model tensors as {dtype} (e.g. "
-            f"{narrowed[:3]}), quantized values that need their scales: a quantized export "
-            "(float8 export = 'fp8') written as DCP. Convert the resumable checkpoint it was "
-            "exported from (checkpoint.folder/step-N) instead; an fp8 export in HF format "
-            "(checkpoint.export.format = 'hf') is read back dequantized."
-        )
-    state = {k: v for k, v in state.items() if k not in missing}
-    with single_process_quiet():
-        safe_load({"model": state}, folder, metadata=metadata)
-    wrapper.load_state_dict(state, strict=False)
-
-
-def _is_quantized_into_wider(meta, live) -> bool:
-    """Whether ``meta`` stores a 1-byte float (float8) that ``live`` would silently widen."""
-    import torch
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    from ckpt_core.transforms import is_float8
-
-    if not isinstance(meta, TensorStorageMetadata) or not isinstance(live, torch.Tensor):
-        return False
-    stored = meta.properties.dtype
-    return is_float8(stored) and live.dtype != stored
 
 
 def hf_load_format(config: dict) -> str:

@@ -293,14 +293,19 @@ def read_into(
     *,
     quantized: bool = False,
     strict: bool = True,
+    files: Mapping[str, str] | None = None,
+    report_unexpected: bool = True,
 ) -> list[str]:
     """Fill ``containers`` (HF name → tensor/DTensor) from the folder at ``path``.
 
     Returns the names that the folder does not hold; with ``strict`` a missing
     name raises :class:`CheckpointError` listing them. Shapes must match, and a
     floating container is filled only from a floating stored dtype.
+    ``files``: the folder's :func:`index_folder`, when already read (a reader
+    of one group at a time passes it, and ``report_unexpected=False``: the
+    folder's other tensors are not unexpected then).
     """
-    files = index_folder(path)
+    files = index_folder(path) if files is None else files
     missing = sorted(n for n in containers if n not in files)
     if missing and strict:
         more = f" ... and {len(missing) - 10} more" if len(missing) > 10 else ""
@@ -321,7 +326,7 @@ def read_into(
                     _read_one(handle, held, file, name, containers[name], quantized, scale_handles)
     unexpected = [
         n
-        for n in files
+        for n in (files if report_unexpected else ())
         if n not in containers and not (quantized and n.endswith((SCALE_SUFFIX, CT_SCALE_SUFFIX)))
     ]
     if unexpected:

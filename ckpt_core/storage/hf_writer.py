@@ -146,12 +146,12 @@ class _Staging:
         return self._data
 
 
-def _open_direct(path: str) -> tuple[int | None, Any, bool]:
+def _open_direct(path: str, *, truncate: bool = True) -> tuple[int | None, Any, bool]:
     """``(fd, file, direct)``: an O_DIRECT descriptor when the file system allows it."""
     fs, inner = layout.filesystem(path)
     if fs is not None:
         return None, fs.open(inner, "wb"), False
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if truncate else 0)
     if hasattr(os, "O_DIRECT") and os.environ.get("CKPT_HF_DIRECT_IO", "1") != "0":
         try:
             return os.open(inner, flags | os.O_DIRECT, 0o644), None, True
@@ -168,10 +168,21 @@ class _StagedFile:
     the cast and the write overlap. Local files use O_DIRECT where possible (full
     aligned halves; the tail is padded to the page size and the file truncated
     back), which skips the page cache: faster durable writes, no cache pressure.
+
+    ``start`` > 0 writes a piece of a file from that offset (a multiple of the
+    page size) without truncating it, so several processes can fill one file
+    (``ckpt convert --workers``); ``close(file_size)`` then cuts the file's
+    padded tail, done by the piece that ends it. The CRC covers the piece.
     """
 
-    def __init__(self, path: str, staging: _Staging, pool: ThreadPoolExecutor) -> None:
-        self.fd, self.file, self.direct = _open_direct(path)
+    def __init__(
+        self, path: str, staging: _Staging, pool: ThreadPoolExecutor, *, start: int = 0
+    ) -> None:
+        if start % ALIGN:
+            raise ValueError(f"a piece of a file starts on a page boundary, not at {start}")
+        self.fd, self.file, self.direct = _open_direct(path, truncate=start == 0)
+        if self.file is not None and start:
+            raise ValueError("a remote file is written whole, from its start")
         self.pool = pool
         half = staging.nbytes // 2
         half -= half % ALIGN
@@ -181,7 +192,9 @@ class _StagedFile:
         self.buf = self.halves[0]
         self.pos = 0  # bytes pending in the current half
         self.crc = 0
-        self.size = 0  # bytes of the file so far (flushed + pending)
+        self.start = start
+        self.size = 0  # bytes of the piece so far (flushed + pending)
+        self._at = start  # file offset of the next write (on the helper thread)
 
     def _write_out(self, buf: torch.Tensor, length: int, valid: int) -> None:
         """On the helper thread: write ``buf[:length]``, CRC over ``buf[:valid]``."""
@@ -191,7 +204,8 @@ class _StagedFile:
         else:
             done = 0
             while done < length:
-                done += os.write(self.fd, view[done:])
+                done += os.pwrite(self.fd, view[done:length], self._at + done)
+        self._at += valid
         self.crc = zlib.crc32(view[:valid], self.crc)
 
     def _flush(self, final: bool = False) -> None:
@@ -212,10 +226,14 @@ class _StagedFile:
         else:
             self.pending[self.cur] = None
 
-    def write_bytes(self, data: bytes) -> None:
-        if not data:
+    def write_bytes(self, data: bytes | torch.Tensor) -> None:
+        if not len(data):
             return
-        view = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        view = (
+            data
+            if isinstance(data, torch.Tensor)
+            else torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        )
         start = 0
         while start < view.numel():
             n = min(view.numel() - start, self.buf.numel() - self.pos)
@@ -224,40 +242,64 @@ class _StagedFile:
             if self.pos == self.buf.numel():
                 self._flush()
 
-    def write_tensor(self, tensor: torch.Tensor, dtype: torch.dtype) -> None:
-        """Cast ``tensor`` to ``dtype`` into the buffer, chunk by chunk, and write it."""
+    def write_tensor(
+        self, tensor: torch.Tensor, dtype: torch.dtype, lo: int = 0, hi: int | None = None
+    ) -> None:
+        """Cast ``tensor`` to ``dtype`` into the buffer, chunk by chunk, and write it.
+
+        ``lo``/``hi``: only bytes ``[lo, hi)`` of the cast tensor (a piece's share).
+        """
         flat = tensor.detach().reshape(-1)
         item = dtype.itemsize
-        start = 0
-        while start < flat.numel():
-            if self.pos % item:  # after an odd-sized tensor: through bytes, 1 MiB at a time
-                chunk = flat[start : start + (1 << 20) // item].to(device="cpu", dtype=dtype)
-                self.write_bytes(chunk.view(torch.uint8).numpy().tobytes())
-                start += chunk.numel()
+        at, hi = lo, flat.numel() * item if hi is None else hi
+        while at < hi:
+            if at % item or (self.start + self.size) % item or hi - at < item:
+                # Cut mid-element, or after an odd-sized tensor: through bytes, 1 MiB at a time.
+                first = at // item
+                last = min(-(-hi // item), first + max(1, (1 << 20) // item))
+                raw = flat[first:last].to(device="cpu", dtype=dtype).contiguous()
+                raw = raw.view(torch.uint8)[at - first * item : hi - first * item]
+                self.write_bytes(raw)
+                at += raw.numel()
                 continue
             room = (self.buf.numel() - self.pos) // item
             if room == 0:
                 self._flush()
                 continue
-            chunk = flat[start : start + room]
+            first = at // item
+            chunk = flat[first : first + min(room, (hi - at) // item)]
             out = self.buf[self.pos : self.pos + chunk.numel() * item].view(dtype)
             out.copy_(chunk)
             self.pos += chunk.numel() * item
             self.size += chunk.numel() * item
-            start += chunk.numel()
+            at += chunk.numel() * item
             if self.pos == self.buf.numel():
                 self._flush()
 
-    def close(self) -> tuple[int, str]:
+    def close(self, file_size: int | None = None) -> tuple[int, str]:
+        """Flush and close; returns ``(bytes of the piece, crc32)``.
+
+        A whole file (``start`` 0) is cut to its size; a piece only when it
+        ends the file and says so with ``file_size``.
+        """
         try:
             self._flush(final=True)
         finally:
-            if self.file is not None:
-                self.file.close()
-            else:
-                os.ftruncate(self.fd, self.size)
-                os.close(self.fd)
+            self.abort(truncate=self.start + self.size if self.start == 0 else file_size)
         return self.size, crc32_hex(self.crc)
+
+    def abort(self, truncate: int | None = None) -> None:
+        """Close (after a failure: without flushing)."""
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        elif self.fd is not None and self.fd >= 0:
+            try:
+                if truncate is not None:
+                    os.ftruncate(self.fd, truncate)
+            finally:
+                os.close(self.fd)
+                self.fd = -1
 
 
 def _gather(value: Any) -> torch.Tensor:
