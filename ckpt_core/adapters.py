@@ -195,12 +195,17 @@ def family_for_hf_config(config: dict[str, Any]) -> ModelFamily:
     )
 
 
+#: The family a bare flavor name (``tiny``) means when several families offer it.
+DEFAULT_FAMILY = "llama"
+
+
 def family_for_model(name_or_path: str) -> tuple[ModelFamily, dict[str, Any]]:
     """``(family, config.json dict)`` for ``ckpt convert --model``.
 
     ``name_or_path`` is an HF folder or ``config.json`` path (its ``model_type``
-    picks the family), or a flavor name: ``tiny`` when one family offers it,
-    ``llama:tiny`` to pick among several.
+    picks the family), or a flavor name: ``tiny`` when one family offers it (or
+    the :data:`DEFAULT_FAMILY`'s when several do, as in ckpt 0.1), ``qwen3:tiny``
+    to pick another.
     """
     if is_hf_path(name_or_path):
         config = read_hf_config(name_or_path)
@@ -215,6 +220,9 @@ def family_for_model(name_or_path: str) -> tuple[ModelFamily, dict[str, Any]]:
     ]
     if len(having) == 1:
         return having[0], having[0].config_for(flavor)
+    default = [f for f in having if f.name == DEFAULT_FAMILY] if not wanted else []
+    if default:  # a bare flavor was always the reference Llama's (ckpt 0.1)
+        return default[0], default[0].config_for(flavor)
     if having:
         names = ", ".join(f"{f.name}:{flavor}" for f in having)
         raise ConfigError(

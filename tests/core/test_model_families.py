@@ -36,16 +36,19 @@ def _unused(*args, **kwargs):
 def make():
     return ModelFamily(
         "{name}", adapter=_unused, build_model=_unused, model_types=({types}),
-        flavors=("tiny",), config_for=lambda name: {{"model_type": "{first}"}},
+        flavors={flavors}, config_for=lambda name: {{"model_type": "{first}"}},
     )
 
 FAMILY = make()
 """
 
 
-def _family_module(name: str, *types: str) -> str:
+def _family_module(name: str, *types: str, flavors: tuple[str, ...] = ("tiny",)) -> str:
     return FAMILY_SOURCE.format(
-        name=name, types="".join(f"{t!r}, " for t in types), first=types[0] if types else ""
+        name=name,
+        types="".join(f"{t!r}, " for t in types),
+        first=types[0] if types else "",
+        flavors=repr(tuple(flavors)),
     )
 
 
@@ -205,17 +208,26 @@ def test_model_flavors_resolve_through_their_family(family_dist):
     family, config = family_for_model("llama:tiny")
     assert family.name == "llama" and config["model_type"] == "llama"
     assert family_for_model("small")[0].name == "llama"  # offered by one family only
-    with pytest.raises(ConfigError) as err:  # ckpt-core's qwen3 and moe offer it too
-        family_for_model("tiny")
-    assert "pass one of llama:tiny, moe:tiny, qwen3:tiny" in _one_line(err.value)
+    # ckpt-core's qwen3 and moe offer tiny too: a bare flavor stays the Llama's, as in 0.1
+    assert family_for_model("tiny")[0].name == "llama"
+    assert family_for_model("qwen3:tiny")[1]["model_type"] == "qwen3"
     with pytest.raises(ConfigError) as err:
         family_for_model("huge")
     assert "llama: tiny, debug, small, 1b" in _one_line(err.value)
     family_dist("fam-dist", {"fam": "fammod:FAMILY"}, {"fammod": _family_module("fam", "famtype")})
-    with pytest.raises(ConfigError) as err:
-        family_for_model("tiny")
-    assert "pass one of fam:tiny, llama:tiny" in _one_line(err.value)
+    assert family_for_model("tiny")[0].name == "llama"
     assert family_for_model("fam:tiny")[1] == {"model_type": "famtype"}
+    family_dist(
+        "two-dist",
+        {"one": "onemod:FAMILY", "two": "twomod:FAMILY"},
+        {
+            "onemod": _family_module("one", "onetype", flavors=("mini",)),
+            "twomod": _family_module("two", "twotype", flavors=("mini",)),
+        },
+    )
+    with pytest.raises(ConfigError) as err:  # no default family offers it: ambiguous
+        family_for_model("mini")
+    assert "pass one of one:mini, two:mini" in _one_line(err.value)
 
 
 def test_with_autoload_off_no_family_is_discovered_until_registered_by_hand(monkeypatch):
