@@ -199,7 +199,7 @@ class Conversion:
 
         header, offsets, size = hf_layout(file)
         path = layout.join(self.request.out, file.path)
-        writer = _StagedFile(path, staging, pool, start=piece.start)
+        writer = _StagedFile(path, staging, pool, start=piece.start, piece=True)
         try:
             if piece.start < len(header):
                 writer.write_bytes(header[piece.start : min(piece.end, len(header))])
@@ -294,43 +294,121 @@ def split_pieces(sizes: list[int], splittable: list[bool], workers: int) -> list
     return shares
 
 
-# -- workers -----------------------------------------------------------------------------
+# -- workers ---------------------------------------------------------------------------
+#
+# A worker writes one share of the pieces and answers with length-prefixed pickled
+# frames on a pipe: progress first, ``("ok", results)`` or ``("error", details)`` last.
+# Where the platform has fork, a worker is a fork of the planned parent (nothing to
+# import or plan again; one intra-op thread, since the workers are the parallelism);
+# elsewhere, or with ``CKPT_CONVERT_WORKERS=spawn``, it is ``python -m
+# ckpt_core.streaming_convert`` reading a pickled ``(Request, [Piece])`` on stdin, which
+# redoes the same deterministic plan (and never re-runs the caller's ``__main__``).
 
-_QUEUE: Any = None
+WORKERS_ENV = "CKPT_CONVERT_WORKERS"
 
 
-def _init_worker(queue: Any) -> None:
-    global _QUEUE
-    _QUEUE = queue
+def _send(stream: Any, frame: tuple) -> None:
+    import pickle
+    import struct
+
+    data = pickle.dumps(frame)
+    stream.write(struct.pack("<Q", len(data)) + data)
+    stream.flush()
 
 
-class _QueueReporter(Reporter):
-    """Sends progress to the parent, a message per tensor at most."""
+def _frames(stream: Any):
+    import pickle
+    import struct
+
+    while True:
+        head = stream.read(8)
+        if len(head) < 8:
+            return
+        (length,) = struct.unpack("<Q", head)
+        yield pickle.loads(stream.read(length))
+
+
+class _PipeReporter(Reporter):
+    """Progress frames to the parent."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
 
     def read(self, nbytes: int) -> None:
-        _QUEUE.put(("read", nbytes, 0))
+        _send(self.stream, ("read", nbytes, 0))
 
     def wrote(self, nbytes: int, tensors: int) -> None:
-        _QUEUE.put(("wrote", nbytes, tensors))
+        _send(self.stream, ("wrote", nbytes, tensors))
 
 
-def _worker(request: Request, pieces: list[Piece]) -> tuple[str, Any]:
-    """A spawned worker: redo the plan, write its share; errors come back as values."""
+def _serve(conversion_or_request: Conversion | Request, pieces: list[Piece], out: Any) -> None:
+    """A worker's whole life: write ``pieces``, answer on ``out`` (never raises)."""
     try:
-        conversion = Conversion(request)
-        if _QUEUE is not None:
-            conversion.reporter = _QueueReporter()
-        return "ok", conversion.write(pieces)
+        if isinstance(conversion_or_request, Request):
+            conversion = Conversion(conversion_or_request)
+        else:
+            conversion = conversion_or_request
+            conversion.release()
+        conversion.reporter = _PipeReporter(out)
+        _send(out, ("ok", conversion.write(pieces)))
     except BaseException as exc:  # noqa: BLE001 - sent to the parent, raised there
-        errno = getattr(exc, "errno", None)
-        return "error", (
+        details = (
             type(exc).__module__,
             type(exc).__qualname__,
             str(exc),
-            errno,
+            getattr(exc, "errno", None),
             getattr(exc, "filename", None),
             getattr(exc, "strerror", None),
         )
+        _send(out, ("error", details))
+
+
+def _worker_main() -> None:
+    """Entry of a spawned worker process."""
+    import pickle
+    import sys
+
+    out = sys.stdout.buffer
+    sys.stdout = sys.stderr  # nothing else may write frames
+    request, pieces = pickle.load(sys.stdin.buffer)
+    _serve(request, pieces, out)
+
+
+def _fork(conversion: Conversion, pieces: list[Piece]) -> tuple[Callable[[], int], Any]:
+    """A forked worker: ``(wait for it → exit status, its answer stream)``."""
+    import os
+
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: one intra-op thread, answer, leave without cleanup handlers
+        try:
+            os.close(read_fd)
+            torch.set_num_threads(1)
+            with os.fdopen(write_fd, "wb") as out:
+                _serve(conversion, pieces, out)
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    return (lambda: os.waitpid(pid, 0)[1]), os.fdopen(read_fd, "rb")
+
+
+def _spawn(request: Request, pieces: list[Piece]) -> tuple[Callable[[], int], Any]:
+    """A fresh interpreter as worker: ``(wait for it → exit code, its answer stream)``."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ckpt_core.streaming_convert"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+    )
+    proc.stdin.write(pickle.dumps((request, pieces)))
+    proc.stdin.close()
+    return proc.wait, proc.stdout
 
 
 def _raise_remote(info: tuple) -> None:
@@ -374,48 +452,47 @@ def write_all(
 def _write_in_processes(
     conversion: Conversion, request: Request, shares: list[list[Piece]], reporter: Reporter
 ) -> list[PieceResult]:
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    """The parent writes the first share while a worker process writes each other one."""
+    import os
 
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    stop = threading.Event()
+    spawn = not hasattr(os, "fork") or os.environ.get(WORKERS_ENV, "fork") == "spawn"
+    workers = [
+        _spawn(request, share) if spawn else _fork(conversion, share) for share in shares[1:]
+    ]
+    finals: list[tuple | None] = [None] * len(workers)
 
-    def drain() -> None:
-        import queue as queue_module
+    def listen(i: int, stream: Any) -> None:
+        with stream:
+            for frame in _frames(stream):
+                if frame[0] == "read":
+                    reporter.read(frame[1])
+                elif frame[0] == "wrote":
+                    reporter.wrote(frame[1], frame[2])
+                else:
+                    finals[i] = frame
 
-        while not stop.is_set() or not queue.empty():
-            try:
-                kind, nbytes, tensors = queue.get(timeout=0.1)
-            except queue_module.Empty:
-                continue
-            except (EOFError, OSError):
-                return
-            if kind == "read":
-                reporter.read(nbytes)
-            else:
-                reporter.wrote(nbytes, tensors)
-
-    drainer = threading.Thread(target=drain, name="ckpt-convert-progress", daemon=True)
-    drainer.start()
-    results: list[PieceResult] = []
+    listeners = [
+        threading.Thread(target=listen, args=(i, stream), daemon=True)
+        for i, (_, stream) in enumerate(workers)
+    ]
+    for listener in listeners:
+        listener.start()
     try:
-        with ProcessPoolExecutor(
-            max_workers=len(shares) - 1,
-            mp_context=context,
-            initializer=_init_worker,
-            initargs=(queue,),
-        ) as pool:
-            futures = [pool.submit(_worker, request, share) for share in shares[1:]]
-            results.extend(conversion.write(shares[0]))
-            for future in futures:
-                status, value = future.result()
-                if status == "error":
-                    _raise_remote(value)
-                results.extend(value)
-    finally:
-        stop.set()
-        drainer.join(timeout=5)
+        results = conversion.write(shares[0])
+    finally:  # the workers finish (or fail) on their own; their files are discarded on failure
+        statuses = []
+        for listener, (wait, _) in zip(listeners, workers):
+            listener.join()
+            statuses.append(wait())
+    for status, final in zip(statuses, finals):
+        if final is None:
+            raise CheckpointError(
+                f"convert: a worker process ended without an answer (status {status}); "
+                "see its output above."
+            )
+        if final[0] == "error":
+            _raise_remote(final[1])
+        results.extend(final[1])
     return results
 
 
@@ -482,3 +559,10 @@ def _finish_dcp(conversion: Conversion, results: list[PieceResult]) -> dict[str,
     known = {conversion.plan.files[r.piece.file].path: (r.size, crc32_hex(r.crc)) for r in results}
     known.update(written_checksums(writer))
     return known
+
+
+if __name__ == "__main__":
+    # Run the imported module's copy, so the classes pickled back are importable by name.
+    from ckpt_core.streaming_convert import _worker_main as main
+
+    main()

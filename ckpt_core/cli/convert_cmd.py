@@ -54,6 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     parser.add_argument("--no-progress", action="store_true", help="no progress display")
     parser.add_argument(
+        "--max-shard-size",
+        default=None,
+        help="cap of one output file, e.g. 2GB or 500MiB (default: 5GiB for HF, 1GiB for DCP)",
+    )
+    parser.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -174,6 +179,7 @@ def convert(
     overwrite: bool = False,
     progress: bool = False,
     workers: int = 1,
+    max_shard_size: str | int | None = None,
 ) -> str:
     """Convert ``src`` into ``dst``, one group of tensors at a time; returns the folder read."""
     from ckpt_core.cli import convert_dest
@@ -223,6 +229,7 @@ def convert(
                 workers=workers,
                 progress=progress,
                 dst=dst,
+                max_file_bytes=_size_arg(max_shard_size),
             )
         except BaseException as exc:
             convert_dest.discard(target, overwrite=overwrite)
@@ -259,7 +266,8 @@ def _stream(folder, kind, family, config, convs, recorded, target, **opts) -> No
         fmt=opts["to"],
         dtype=opts["dtype"],
         out=tmp,
-        max_file_bytes=DEFAULT_MAX_SHARD_BYTES if opts["to"] == "hf" else DCP_FILE_BYTES,
+        max_file_bytes=opts["max_file_bytes"]
+        or (DEFAULT_MAX_SHARD_BYTES if opts["to"] == "hf" else DCP_FILE_BYTES),
         hf_quantized=opts["quantized"],
         base=_base(folder, recorded),
     )
@@ -279,6 +287,28 @@ def _stream(folder, kind, family, config, convs, recorded, target, **opts) -> No
     step = (recorded or {}).get("step")
     _write_manifest(tmp, known, step, 1, conversion.converters, conversion.adapter)
     layout.commit(tmp, target)
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+
+
+def _size_arg(value: str | int | None) -> int | None:
+    """``--max-shard-size``: bytes, or a number with a unit (``5GB``, ``500MiB``)."""
+    import re
+
+    from ckpt_core.errors import ConfigError
+
+    if value is None or isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in _UNITS or float(match.group(1)) * _UNITS[unit] < 1:
+        raise ConfigError(
+            f"convert: --max-shard-size {value!r} is not a size; pass bytes or a number with "
+            "a unit: 5GB, 500MiB."
+        )
+    return int(float(match.group(1)) * _UNITS[unit])
 
 
 def _base(folder: str, recorded) -> tuple[str, str] | None:
@@ -378,6 +408,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
         workers=args.workers,
+        max_shard_size=args.max_shard_size,
     )
     print(f"converted {folder} -> {args.dst} ({args.to})")
     return 0

@@ -169,20 +169,27 @@ class _StagedFile:
     aligned halves; the tail is padded to the page size and the file truncated
     back), which skips the page cache: faster durable writes, no cache pressure.
 
-    ``start`` > 0 writes a piece of a file from that offset (a multiple of the
-    page size) without truncating it, so several processes can fill one file
-    (``ckpt convert --workers``); ``close(file_size)`` then cuts the file's
+    ``piece=True`` writes bytes of a file from offset ``start`` (a multiple of
+    the page size) without truncating it, so several processes can fill one
+    file (``ckpt convert --workers``); ``close(file_size)`` cuts the file's
     padded tail, done by the piece that ends it. The CRC covers the piece.
     """
 
     def __init__(
-        self, path: str, staging: _Staging, pool: ThreadPoolExecutor, *, start: int = 0
+        self,
+        path: str,
+        staging: _Staging,
+        pool: ThreadPoolExecutor,
+        *,
+        start: int = 0,
+        piece: bool = False,
     ) -> None:
         if start % ALIGN:
             raise ValueError(f"a piece of a file starts on a page boundary, not at {start}")
-        self.fd, self.file, self.direct = _open_direct(path, truncate=start == 0)
-        if self.file is not None and start:
+        self.fd, self.file, self.direct = _open_direct(path, truncate=not piece)
+        if self.file is not None and (start or piece):
             raise ValueError("a remote file is written whole, from its start")
+        self.piece = piece
         self.pool = pool
         half = staging.nbytes // 2
         half -= half % ALIGN
@@ -279,13 +286,13 @@ class _StagedFile:
     def close(self, file_size: int | None = None) -> tuple[int, str]:
         """Flush and close; returns ``(bytes of the piece, crc32)``.
 
-        A whole file (``start`` 0) is cut to its size; a piece only when it
-        ends the file and says so with ``file_size``.
+        A whole file is cut to its size; a piece only when it ends the file and
+        says so with ``file_size``.
         """
         try:
             self._flush(final=True)
         finally:
-            self.abort(truncate=self.start + self.size if self.start == 0 else file_size)
+            self.abort(truncate=file_size if self.piece else self.size)
         return self.size, crc32_hex(self.crc)
 
     def abort(self, truncate: int | None = None) -> None:
