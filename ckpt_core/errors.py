@@ -7,6 +7,8 @@ damaged data (a file whose bytes are truncated, malformed or hostile).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class CkptError(Exception):
     """Base class of every error ckpt raises on purpose."""
@@ -61,3 +63,14 @@ class SaveError(CheckpointError, OSError):
     """
 
     exit_code = 1
+
+
+def first_of(items: Iterable[object], limit: int = 10, sep: str = ", ") -> str:
+    """The first ``limit`` items joined by ``sep``, then `` ... and K more`` when cut.
+
+    Messages list a few offending names, not hundreds: ``first_of(missing, 3)``
+    gives ``"a, b, c ... and 7 more"``.
+    """
+    items = [str(i) for i in items]
+    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
+    return sep.join(items[:limit]) + more

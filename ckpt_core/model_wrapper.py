@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ckpt_core.dtensor_utils import with_local
-from ckpt_core.errors import CheckpointError
+from ckpt_core.errors import CheckpointError, first_of
 from ckpt_core.plugins import Converters
 
 View = Literal["full", "base", "export"]
@@ -193,8 +193,7 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _describe_mismatch(missing: list[str], unexpected: list[str], limit: int = 20) -> str:
     def show(keys: list[str]) -> str:
-        more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
-        return ", ".join(keys[:limit]) + more
+        return first_of(keys, limit)
 
     lines = ["The state dict does not match the model."]
     if missing:

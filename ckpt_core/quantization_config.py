@@ -17,7 +17,7 @@ import copy
 from collections.abc import Iterable
 from typing import Any
 
-from ckpt_core.errors import PluginError
+from ckpt_core.errors import PluginError, first_of
 
 KEY = "quantization_config"
 MIXED = "mixed-precision"
@@ -73,7 +73,7 @@ def merge_quantization_configs(
     claimed = {t for g in groups for t in g.get("targets", [])}
     both = sorted(claimed.intersection(mine))
     if both:
-        shown = ", ".join(both[:5]) + (f" and {len(both) - 5} more" if len(both) > 5 else "")
+        shown = first_of(both, 5)
         raise PluginError(
             f"Converter {owner!r} and an earlier quantizing converter both quantize {shown} "
             "in the export; a linear can carry one quantization scheme. Keep each linear in "

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from ckpt_core.errors import CheckpointError, DamagedCheckpointError
+from ckpt_core.errors import CheckpointError, DamagedCheckpointError, first_of
 from ckpt_core.model_wrapper import tensor_shape
 from ckpt_core.storage import layout, manifest
 from ckpt_core.storage.safe_metadata import read_metadata, safe_load
@@ -115,9 +115,7 @@ def check_step(folder: str, step: int, *, explicit: bool = False) -> dict[str, A
             if intact is not None
             else "No other intact step exists in this folder."
         )
-        listed = "; ".join(str(p) for p in problems[:3])
-        if len(problems) > 3:
-            listed += f"; and {len(problems) - 3} more"
+        listed = first_of(problems, 3, sep="; ")
         raise DamagedCheckpointError(f"Checkpoint {path} is damaged ({listed}). {hint}")
     return found or {}
 
@@ -169,8 +167,7 @@ _SHOWN = 5  # mismatched tensors listed one per line; the rest are counted
 
 
 def _few(keys: list[str], limit: int = 20) -> str:
-    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
+    return first_of(keys, limit)
 
 
 def check_states(metadata: Metadata, names: list[str], *, source: str) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ckpt_core.errors import CheckpointError, DamagedCheckpointError
+from ckpt_core.errors import CheckpointError, DamagedCheckpointError, first_of
 from ckpt_core.storage import layout
 from ckpt_core.transforms import is_float8
 
@@ -308,10 +308,9 @@ def read_into(
     files = index_folder(path) if files is None else files
     missing = sorted(n for n in containers if n not in files)
     if missing and strict:
-        more = f" ... and {len(missing) - 10} more" if len(missing) > 10 else ""
         raise CheckpointError(
             f"{path} lacks {len(missing)} tensors the model needs: "
-            f"{', '.join(missing[:10])}{more}. Is it a checkpoint of this architecture?"
+            f"{first_of(missing)}. Is it a checkpoint of this architecture?"
         )
     by_file: dict[str, list[str]] = {}
     for name in containers:

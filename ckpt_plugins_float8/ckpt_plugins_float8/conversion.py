@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from ckpt_core.errors import ConfigError, PluginError
+from ckpt_core.errors import ConfigError, PluginError, first_of
 from ckpt_core.experts import router_linears
 from ckpt_core.model_wrapper import canonical_fqn
 from ckpt_plugins_float8.config import Float8Config
@@ -147,10 +147,9 @@ def refuse_changed_linears(model: nn.Module, filter_fqns: list[str]) -> None:
         and skip_reason(module, canonical_fqn(fqn), filter_fqns, routers) is None
     ]
     if changed:
-        names = ", ".join(f"{fqn} ({cls})" for fqn, cls in changed[:4])
-        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+        names = first_of((f"{fqn} ({cls})" for fqn, cls in changed), 4)
         raise ConfigError(
-            f"Converter 'float8': {names}{more} are not plain nn.Linear: another converter "
+            f"Converter 'float8': {names} are not plain nn.Linear: another converter "
             "(e.g. 'qat') already changed their forward, and Float8Linear would drop that. "
             "'qat' and 'float8' cannot both convert one linear: add its name to "
             "converters.float8.filter_fqns or remove it from converters.qat.targets."

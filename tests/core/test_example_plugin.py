@@ -59,3 +59,18 @@ def test_pip_installed_example_converter_is_listed_and_composed(installed_exampl
     assert not any(k.endswith("weight_ema") for k in res["base"] + res["export"])
     assert res["base"] == res["export"] == ["0.bias", "0.weight", "2.bias", "2.weight"]
     assert res["ema_is_half_way"] and res["export_uses_ema"]
+
+
+def test_pip_installed_example_converter_keeps_the_contract(installed_example, tmp_path):
+    env = example_env(installed_example)
+    code = (
+        "from ckpt_core.testing import check_converter\n"
+        "check_converter('ema')\n"
+        "check_converter('ema', options={'decay': 0.5, 'export_ema': False})\n"
+        "print('contract kept')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("contract kept")

@@ -1,50 +1,73 @@
-"""Contract tests run over every installed converter."""
+"""The contract kit (``ckpt_core.testing.check_converter``) over every installed converter.
+
+The bundled converters pass it under their export options; each converter of
+``_broken_converters`` breaks one rule and must fail it with that rule's id.
+"""
 
 from __future__ import annotations
 
-import pytest
-from pydantic import BaseModel, ValidationError
+import re
 
-from ckpt_core import Converters
+import pytest
+from torch import nn
+
 from ckpt_core.discovery import discover_converters
-from ckpt_core.hookspecs import HOOK_NAMES
+from ckpt_core.testing import RULES, check_converter
+from tests.plugins._broken_converters import BROKEN, Averaging
 
 ENTRIES = discover_converters()
-
-
-@pytest.fixture(params=sorted(ENTRIES), ids=sorted(ENTRIES))
-def converter_class(request):
-    return request.param, ENTRIES[request.param].load()
 
 
 def test_bundled_converters_are_installed():
     assert {"lora", "qat", "float8"} <= set(ENTRIES)
 
 
-def test_name_config_and_options_follow_the_protocol(converter_class):
-    name, cls = converter_class
-    assert cls.name == name
-    assert issubclass(cls.Config, BaseModel)
-    defaults = cls.Config()  # every option has a default
-    with pytest.raises(ValidationError):
-        cls.Config(definitely_not_an_option=1)
-    for field_name, field in cls.Config.model_fields.items():
-        assert field.description, f"{name}.{field_name} has no description"
-    assert cls(defaults).config == defaults
+@pytest.mark.parametrize("name", sorted(ENTRIES))
+def test_every_installed_converter_keeps_the_contract(name):
+    check_converter(name)
 
 
-def test_hookimpls_validate_and_default_instance_composes(converter_class):
-    name, cls = converter_class
-    convs = Converters([cls(cls.Config())])
-    assert convs.names == [name]
-    impls = [
-        hook for hook in HOOK_NAMES if getattr(convs.plugin_manager.hook, hook).get_hookimpls()
-    ]
-    assert set(impls) <= set(HOOK_NAMES)
-    for earlier in getattr(cls, "runs_after", ()):
-        assert isinstance(earlier, str)
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("lora", {"export": "adapter"}),
+        ("lora", {"export": "both", "rank": 4, "alpha": 8.0}),
+        ("qat", {"scheme": "int8_dynamic_act_int4_weight", "group_size": 32}),
+        ("qat", {"scheme": "int8_weight_only"}),
+        ("float8", {"emulate": True, "export": "fp8"}),
+        ("float8", {"emulate": True, "recipe": "rowwise", "export": "fp8"}),
+    ],
+    ids=lambda v: v if isinstance(v, str) else ",".join(f"{k}={x}" for k, x in v.items()),
+)
+def test_bundled_converters_keep_the_contract_under_their_export_options(name, options):
+    check_converter(name, options=options)
 
 
-def test_from_config_builds_each_converter_by_name(converter_class):
-    name, _ = converter_class
-    assert Converters.from_config([name]).names == [name]
+def test_bundled_converters_keep_the_contract_on_another_family():
+    check_converter("lora", model="qwen3:tiny")
+
+
+def test_a_converter_class_keeps_the_contract_on_the_callers_own_model():
+    def factory() -> nn.Module:
+        return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+    check_converter(Averaging, model_factory=factory)
+    check_converter(Averaging)
+
+
+def test_every_rule_has_a_broken_converter_that_fails_it():
+    assert set(BROKEN.values()) == set(RULES)
+
+
+@pytest.mark.parametrize(
+    ("broken", "rule"), list(BROKEN.items()), ids=lambda v: getattr(v, "__name__", v)
+)
+def test_a_broken_converter_fails_the_kit_naming_its_rule(broken, rule):
+    with pytest.raises(AssertionError, match=re.escape(f"[{rule}]")) as info:
+        check_converter(broken)
+    assert RULES[rule] in str(info.value)
+
+
+def test_an_unknown_name_fails_naming_the_installed_converters():
+    with pytest.raises(AssertionError, match=r"\[composes\].*installed: .*lora"):
+        check_converter("no-such-converter")
