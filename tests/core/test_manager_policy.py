@@ -61,15 +61,19 @@ def test_rng_states_are_restored_on_resume(tmp_path):
 
 def test_non_persistent_buffers_are_never_saved(tmp_path):
     run = Trainable(folder=str(tmp_path), interval=1)
+    run.model.scale.fill_(2.0)
+    run.model.cache.fill_(3.0)
     run.manager.save(1)
     from ckpt_core.storage.safe_metadata import read_metadata
 
     keys = set(read_metadata(layout.step_dir(str(tmp_path), 1)).state_dict_metadata)
     assert "model.scale" in keys
     assert not any("cache" in k for k in keys)
-    run.model.cache.fill_(3.0)
-    Trainable(folder=str(tmp_path)).manager.load()  # loads fine without the buffer
-    assert torch.all(run.model.cache == 3.0)
+    other = Trainable(seed=1, folder=str(tmp_path))
+    other.model.cache.fill_(5.0)
+    assert other.manager.load() is True  # loads fine without the buffer
+    assert torch.all(other.model.scale == 2.0)  # the persistent buffer was loaded
+    assert torch.all(other.model.cache == 5.0)  # the non-persistent one kept its own value
 
 
 def test_fresh_start_returns_false_and_changes_nothing(tmp_path):
@@ -238,6 +242,30 @@ def test_a_different_architecture_is_refused_naming_keys_and_shapes(tmp_path):
     manager = CheckpointManager(CheckpointConfig(folder=str(tmp_path)), model)
     with pytest.raises(CheckpointError, match=r"missing .*head\.weight"):
         manager.load()
+
+
+def test_a_resume_into_another_dtype_is_refused_but_an_initial_load_casts(tmp_path):
+    run = Trainable(folder=str(tmp_path / "run"), interval=1)
+    run.step()
+    run.manager.save(1)
+    saved = snapshot(run.model)
+
+    other = Trainable(seed=1, folder=str(tmp_path / "run"))
+    other.model.to(torch.bfloat16)
+    with pytest.raises(CheckpointError) as info:
+        other.manager.load()
+    message = str(info.value)
+    assert "Dtype mismatch for 'inp.weight': model torch.bfloat16, checkpoint torch.float32" in (
+        message
+    )
+    assert other.manager.train_state.step == 0  # refused before anything was read
+
+    # Starting a new run from it (model only) casts instead.
+    initial = {"path": str(tmp_path / "run"), "format": "dcp"}
+    fresh = Trainable(seed=2, folder=str(tmp_path / "new"), initial_load=initial)
+    fresh.model.to(torch.bfloat16)
+    assert fresh.manager.load() is True
+    assert torch.equal(fresh.model.inp.weight, saved["inp.weight"].to(torch.bfloat16))
 
 
 def test_extra_states_are_saved_and_restored(tmp_path):

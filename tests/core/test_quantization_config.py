@@ -74,3 +74,18 @@ def test_a_config_of_another_quant_method_is_refused():
     with pytest.raises(PluginError, match="quant_method is 'fp8'"):
         add_quantization_config(config, qc("float-quantized", "float", b), b, owner="float8")
     assert config["quantization_config"] == {"quant_method": "fp8", "weight_block_size": [128, 128]}
+
+
+def test_a_group_without_its_own_format_takes_its_configs_format_when_merged():
+    # llm-compressor writes the format once, at the top, and none in the groups.
+    ints, floats = ["m.0.q_proj"], ["m.0.k_proj"]
+    first = qc("pack-quantized", "int", ints)
+    del first["config_groups"]["group_0"]["format"]
+    second = qc("float-quantized", "float", floats)
+    del second["config_groups"]["group_0"]["format"]
+    config = add_quantization_config({}, first, ints, owner="qat")
+    merged = add_quantization_config(config, second, floats, owner="float8")["quantization_config"]
+    groups = merged["config_groups"]
+    assert groups["group_0"]["format"] == "pack-quantized"
+    assert groups["group_1"]["format"] == "float-quantized"
+    assert merged["format"] == "mixed-precision"

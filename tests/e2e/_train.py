@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -48,9 +49,19 @@ def converter_args(names: list[str]) -> list[str]:
     return ["--converters.enabled", ",".join(names)]
 
 
+#: Converters this repository ships: CI installs them all, so a missing or broken one fails.
+BUNDLED = {"lora": "ckpt_plugins_lora", "qat": "ckpt_plugins_qat", "float8": "ckpt_plugins_float8"}
+
+
 def plugin_missing(names: list[str]) -> str | None:
-    """Why a converter set cannot run yet (not installed / no hooks), else None."""
+    """Why a converter set cannot run here (a third-party converter not installed), else None.
+
+    A bundled converter that is not installed, fails to import or lacks the
+    ``convert`` hook fails the calling test (``pytest.fail``): it is broken, not absent.
+    """
     from importlib.metadata import entry_points
+
+    import pytest
 
     from ckpt_core.hookspecs import ENTRY_POINT_GROUP
 
@@ -59,11 +70,26 @@ def plugin_missing(names: list[str]) -> str | None:
     found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
     for name in names:
         if name not in found:
+            if name in BUNDLED:
+                pytest.fail(
+                    f"bundled converter {name!r} is not installed: pip install -e ./{BUNDLED[name]}"
+                )
             return f"converter {name!r} is not installed"
-        cls = found[name].load()
-        if not hasattr(cls, "convert"):
-            return f"converter {name!r} does not implement the convert hook yet"
+        try:
+            cls = found[name].load()
+        except Exception as exc:  # noqa: BLE001 - any import failure is the plugin's
+            pytest.fail(f"converter {name!r} fails to import: {type(exc).__name__}: {exc}")
+        if not callable(getattr(cls, "convert", None)):
+            pytest.fail(f"converter {name!r} has no convert hook")
     return None
+
+
+def seeded_rng(what: str) -> random.Random:
+    """A random generator whose seed is printed (shown with a failure's output) and can be
+    replayed with ``CKPT_TEST_SEED=<seed>``."""
+    seed = int(os.environ.get("CKPT_TEST_SEED") or random.randrange(1 << 30))
+    print(f"{what} seed: {seed} (replay: CKPT_TEST_SEED={seed})")
+    return random.Random(seed)
 
 
 def env() -> dict[str, str]:

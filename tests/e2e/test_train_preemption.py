@@ -24,9 +24,7 @@ PREEMPTED, ABORTED = 75, 128 + signal.SIGTERM
 
 
 def _rng() -> random.Random:
-    seed = random.randrange(1 << 30)
-    print(f"preemption test seed: {seed}")
-    return random.Random(seed)
+    return t.seeded_rng("preemption test")
 
 
 def _wait_for(proc: subprocess.Popen, ready, timeout: float = 240) -> None:

@@ -3,13 +3,13 @@
 For every converter set: an uninterrupted reference run (shared per converter set)
 and, at the same time, one run per async mode killed at a random moment after its
 first commit (a random step, then a random delay: mid-step, mid-save or mid-commit),
-each restarted with the same command. Every step any run logged must carry exactly
+each restarted with the same command. The kill points' seed is printed with a failure;
+``CKPT_TEST_SEED=<seed>`` replays them. Every step any run logged must carry exactly
 the reference's loss, and each restart must continue from the newest committed step.
 """
 
 from __future__ import annotations
 
-import random
 import shutil
 
 import pytest
@@ -33,7 +33,7 @@ def test_runs_killed_at_random_moments_resume_with_bit_identical_losses(
     reason = t.plugin_missing(names)
     if reason:
         pytest.skip(reason)
-    rng = random.Random()
+    rng = t.seeded_rng(f"kill points ({converters})")
     runs, joins = {}, []
     for mode in MODES:
         folder = tmp_path / mode
