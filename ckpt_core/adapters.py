@@ -62,6 +62,10 @@ class ModelFamily:
     #: ``(config dict, source=...)`` → ``None``; refuses a config this family cannot
     #: build, before anything is allocated (``source`` names it in the message).
     check_config: Callable[..., None] | None = None
+    #: ``model_type`` → whether this family also reads it when no installed family
+    #: lists it in ``model_types`` (the ``hf`` family: any causal LM transformers
+    #: knows). Its docstring's first line says what it accepts (``ckpt plugins``).
+    fallback: Callable[[str], bool] | None = None
 
 
 class FamilyEntry(PluginEntry):
@@ -129,7 +133,7 @@ def validate_model_family(family: Any, name: str, distribution: str) -> None:
     for field in ("adapter", "build_model"):
         if not callable(getattr(family, field)):
             raise PluginError(f"{where}: {field} must be callable, got {getattr(family, field)!r}.")
-    for field in ("config_for", "check_config"):
+    for field in ("config_for", "check_config", "fallback"):
         value = getattr(family, field)
         if value is not None and not callable(value):
             raise PluginError(f"{where}: {field} must be callable or None, got {value!r}.")
@@ -160,7 +164,9 @@ def family_for_hf_config(config: dict[str, Any]) -> ModelFamily:
     Precedence: a family registered by hand in this process; then the family
     named like the ``model_type`` (the usual case, which imports that family
     only); then the one other family listing it in ``model_types``: two is an
-    error naming both. A family that fails to load is named when none matches.
+    error naming both; then the one family whose ``fallback`` accepts it (the
+    ``hf`` family reads any causal LM transformers knows). A family that fails
+    to load is named when none matches.
     """
     model_type = config.get("model_type")
     for family in _manual.values():
@@ -180,15 +186,19 @@ def family_for_hf_config(config: dict[str, Any]) -> ModelFamily:
         family = _try_load(entries[name], broken)
         if family is not None and model_type in family.model_types:
             matches.append((family, entries[name].distribution))
-    if len(matches) > 1:
-        names = ", ".join(f"{f.name!r} ({d})" for f, d in matches)
-        raise PluginError(
-            f"config.json model_type {model_type!r} is read by more than one model family: "
-            f"{names}. Uninstall one of them, or register the one to use in this process "
-            "with ckpt_core.adapters.register_model_family."
-        )
-    if matches:
-        return matches[0][0]
+    for found, how in (
+        (matches, ""),
+        (_fallbacks(entries, model_type, broken), "the fallback of "),
+    ):
+        if len(found) > 1:
+            names = ", ".join(f"{f.name!r} ({d})" for f, d in found)
+            raise PluginError(
+                f"config.json model_type {model_type!r} is read by {how}more than one model "
+                f"family: {names}. Uninstall one of them, or register the one to use in this "
+                "process with ckpt_core.adapters.register_model_family."
+            )
+        if found:
+            return found[0][0]
     raise ConfigError(
         f"config.json model_type {model_type!r} has no installed model family. "
         + _installed_text(entries, broken)
@@ -257,6 +267,28 @@ def _try_load(entry: FamilyEntry, broken: list[str]) -> ModelFamily | None:
         return None
 
 
+def _fallbacks(
+    entries: dict[str, FamilyEntry], model_type: Any, broken: list[str]
+) -> list[tuple[ModelFamily, str]]:
+    """``(family, distribution)`` of the families whose ``fallback`` accepts ``model_type``."""
+    if not isinstance(model_type, str) or not model_type:
+        return []
+    found = []
+    for name in sorted(entries):
+        family = _manual.get(name) or _try_load(entries[name], broken)
+        if family is not None and family.fallback is not None and family.fallback(model_type):
+            found.append((family, entries[name].distribution))
+    return found
+
+
+def fallback_text(family: ModelFamily) -> str:
+    """What a family's ``fallback`` accepts, from its docstring's first line ('' if none)."""
+    if family.fallback is None:
+        return ""
+    doc = (getattr(family.fallback, "__doc__", None) or "").strip()
+    return doc.splitlines()[0].rstrip(".") if doc else "other model types"
+
+
 def _installed_text(entries: dict[str, FamilyEntry], broken: list[str] | None = None) -> str:
     """What is installed, what failed, and how to get more: the tail of a lookup error."""
     parts = []
@@ -264,7 +296,8 @@ def _installed_text(entries: dict[str, FamilyEntry], broken: list[str] | None = 
         family = _try_load(entries[name], [])
         if family is None:
             continue
-        types = ", ".join(family.model_types) or "no model_type"
+        listed = list(family.model_types) + ([fallback_text(family)] if family.fallback else [])
+        types = ", ".join(listed) or "no model_type"
         parts.append(f"{name} from {entries[name].distribution} reads {types}")
     text = "Installed: " + ("; ".join(parts) if parts else "none") + "."
     if broken:

@@ -13,6 +13,15 @@ and ``lm_head.weight``. transformers saves the source only and re-ties the
 target when it loads, so the export leaves the target out, and an HF load fills
 the source (which the target shares).
 
+**Checkpoint names.** transformers 5 renames some weights as it loads them
+and back as it saves them (GPT-NeoX's ``embed_out`` is the model's ``lm_head``;
+an MoE layer's per-expert weights are one stacked tensor in the model). The
+adapter that offline tools build from a ``config.json`` (:meth:`HFNativeAdapter.from_hf_config`,
+what ``ckpt convert`` uses) applies that conversion mapping, so it reads an
+HF folder as transformers' ``from_pretrained`` does and writes what
+``save_pretrained`` writes; the adapter of a live model (the manager's) keeps
+names as they are, which transformers loads as well.
+
 The manager picks this adapter by itself when ``sd_adapter`` is ``None`` and a
 model part is a ``PreTrainedModel`` (:func:`adapter_for`). transformers is an
 optional dependency: this module imports it only when asked to build a model
@@ -135,6 +144,8 @@ class HFNativeAdapter(StateDictAdapter):
             of exports and HF loads (the source carries the shared tensor).
         name_or_path: where the weights came from, when known (LoRA records it in
             ``adapter_config.json`` as ``base_model_name_or_path``).
+        model: a transformers model of this config (the ``meta`` device will do):
+            ``to_hf``/``from_hf`` then apply its checkpoint conversion mapping.
 
     Build it with :meth:`from_model` (the usual way) or :meth:`from_hf_config`
     (offline tools that have only a ``config.json``).
@@ -147,10 +158,12 @@ class HFNativeAdapter(StateDictAdapter):
         config: dict[str, Any],
         tied: dict[str, str] | None = None,
         name_or_path: str | None = None,
+        model: nn.Module | None = None,
     ) -> None:
         self.config = dict(config)
         self.tied = dict(tied or {})
         self.name_or_path = name_or_path or None
+        self.model = model
 
     @classmethod
     def from_model(cls, model: nn.Module | Iterable[nn.Module]) -> HFNativeAdapter:
@@ -174,18 +187,33 @@ class HFNativeAdapter(StateDictAdapter):
         """The adapter for a ``config.json`` dict (offline tools; imports transformers).
 
         The tied names come from the model transformers builds for it, on the
-        meta device (nothing allocated), so they hold for any architecture.
+        meta device (nothing allocated), so they hold for any architecture; the
+        same model gives the checkpoint conversion mapping (names as saved).
         """
-        return cls(config, tied_names(build_model(config, device="meta")))
+        model = build_model(config, device="meta")
+        return cls(config, tied_names(model), model=model)
 
     # -- StateDictAdapter -------------------------------------------------------
 
     def to_hf(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        """Same names, tied targets left out (transformers re-ties them on load)."""
-        return {k: v for k, v in state_dict.items() if k not in self.tied}
+        """Same names, tied targets left out (transformers re-ties them on load).
+
+        With a ``model``, names (and stacked tensors) as ``save_pretrained`` writes them.
+        """
+        out = {k: v for k, v in state_dict.items() if k not in self.tied}
+        if self.model is not None and out:
+            from transformers.core_model_loading import revert_weight_conversion
+
+            out = dict(revert_weight_conversion(self.model, out))
+        return out
 
     def from_hf(self, hf_state_dict: dict[str, Any]) -> dict[str, Any]:
-        """Same names; a tied target in the folder is skipped (its source wins)."""
+        """Same names; a tied target in the folder is skipped (its source wins).
+
+        With a ``model``, checkpoint names become the model's as ``from_pretrained`` maps them.
+        """
+        if self.model is not None and hf_state_dict:
+            hf_state_dict = load_conversion(self.model, hf_state_dict)
         return {k: v for k, v in hf_state_dict.items() if k not in self.tied}
 
     def hf_key(self, fqn: str) -> str:
@@ -198,6 +226,49 @@ class HFNativeAdapter(StateDictAdapter):
 
     def describe(self) -> dict[str, Any]:
         return {"adapter": self.registry_name, "config": self.config}
+
+
+def load_conversion(model: nn.Module, hf_state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Checkpoint names (and per-expert tensors) → the model's, by its conversion mapping.
+
+    What transformers' ``from_pretrained`` does to the names it reads, for any
+    subset of a checkpoint that holds whole conversion groups (all experts of
+    a layer); ``revert_weight_conversion`` is the other way.
+    """
+    from copy import deepcopy
+
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import (
+        PrefixChange,
+        WeightConverter,
+        WeightRenaming,
+        apply_converters,
+        apply_renamings,
+        dot_natural_key,
+    )
+
+    conversions = [
+        c for c in get_model_conversion_mapping(model) if not isinstance(c, PrefixChange)
+    ]
+    if not conversions:
+        return hf_state_dict
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    groups: dict[str, Any] = {}
+    for key, value in sorted(hf_state_dict.items(), key=lambda kv: dot_natural_key(kv[0])):
+        renamed, pattern = apply_converters(apply_renamings(key, renamings), converters)
+        if pattern is not None:
+            group = groups.setdefault(renamed, deepcopy(by_pattern[pattern]))
+        else:
+            group = groups.setdefault(renamed, WeightRenaming(key, renamed))
+            pattern = key
+        group.add_tensor(renamed, key, pattern, value)
+    out: dict[str, Any] = {}
+    for first, group in groups.items():
+        for name, value in group.convert(first, model=model, config=model.config).items():
+            out[name] = value[0] if isinstance(value, list) else value
+    return out
 
 
 def adapter_for(model_parts: nn.Module | Iterable[nn.Module]) -> HFNativeAdapter | None:

@@ -33,7 +33,7 @@ def resolve_source(src: str, step: int | None) -> tuple[str, str]:
     if step is None:
         if layout.exists(layout.join(src, ".metadata")):
             return src, "dcp"
-        if layout.exists(layout.join(src, "config.json")):
+        if layout.exists(layout.join(src, "config.json")) or _holds_safetensors(src):
             return src, "hf"
     steps = layout.committed_steps(src)
     if not steps:
@@ -44,6 +44,16 @@ def resolve_source(src: str, step: int | None) -> tuple[str, str]:
     if step is not None and step not in steps:
         raise CheckpointError(f"convert: --step {step} is not in {src}; committed steps: {steps}.")
     return resolve_source(layout.step_dir(src, steps[-1] if step is None else step), None)
+
+
+def _holds_safetensors(folder: str) -> bool:
+    """Whether ``folder`` holds ``*.safetensors`` files directly (an HF folder without config)."""
+    from ckpt_core.storage import layout
+
+    try:
+        return any(name.endswith(".safetensors") for name in layout.listdir(folder))
+    except OSError:
+        return False
 
 
 def architecture(folder: str, kind: str, model_arg: str | None, manifest: dict | None):
@@ -60,13 +70,23 @@ def architecture(folder: str, kind: str, model_arg: str | None, manifest: dict |
     if model_arg is not None:
         return family_for_model(model_arg)
     if kind == "hf":
+        from ckpt_core.storage import layout
+
+        if not layout.exists(layout.join(folder, "config.json")):
+            raise CheckpointError(
+                f"convert: {folder} holds safetensors files but no config.json, so its "
+                "architecture is unknown; pass --model with the config.json (or HF folder) "
+                "these weights belong to, or a flavor such as llama:tiny (ckpt plugins lists "
+                "the flavors)."
+            )
         config = read_hf_config(folder)
         return family_for_hf_config(config), config
     entry = (manifest or {}).get("model")
     if not entry:
         raise CheckpointError(
             f"convert: {folder} has no manifest 'model' entry, so its architecture is "
-            "unknown; pass --model (a flavor name or an HF config.json)."
+            "unknown; pass --model (a flavor name such as llama:tiny, which ckpt plugins "
+            "lists, or the HF config.json of the model it was saved from)."
         )
     return model_family(entry["adapter"]), entry["config"]
 

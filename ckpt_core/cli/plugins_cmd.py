@@ -97,6 +97,10 @@ def collect_families() -> list[dict[str, Any]]:
         else:
             rec["model_types"] = list(family.model_types)
             rec["flavors"] = list(family.flavors)
+            if family.fallback is not None:
+                from ckpt_core.adapters import fallback_text
+
+                rec["fallback"] = fallback_text(family)
         records.append(rec)
     return records
 
@@ -135,6 +139,8 @@ def _converter_lines(rec: dict[str, Any]) -> list[str]:
 
 def _family_lines(rec: dict[str, Any]) -> list[str]:
     lines = [f"reads model_type: {', '.join(rec['model_types']) or '-'}"]
+    if rec.get("fallback"):
+        lines.append(f"and, when no family lists it: {rec['fallback']}")
     if rec["flavors"]:
         lines.append(f"flavors: {', '.join(rec['flavors'])}")
     return lines

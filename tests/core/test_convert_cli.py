@@ -352,7 +352,8 @@ def test_a_registered_model_family_is_picked_from_config_json_and_the_manifest(
     assert _convert(tmp_path / "hf", tmp_path / "dcp", "--to", "dcp") == 2
     err = capsys.readouterr().err
     assert "model_type 'my' has no installed model family" in err
-    assert "Installed: llama from ckpt-core reads llama" in err
+    assert "Installed: hf from ckpt-core reads any causal LM model_type transformers knows" in err
+    assert "; llama from ckpt-core reads llama" in err
     assert "docs/writing-model-families.md" in err
 
     adapters.register_model_family(

@@ -190,7 +190,8 @@ def test_an_unknown_model_type_lists_families_and_says_how_to_get_one(tmp_path, 
     assert main(["convert", str(hf), str(tmp_path / "out"), "--to", "dcp", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "model_type 'falcon9' has no installed model family" in err
-    assert "Installed: llama from ckpt-core reads llama" in err
+    assert "Installed: hf from ckpt-core reads any causal LM model_type transformers knows" in err
+    assert "; llama from ckpt-core reads llama" in err
     assert "'ckpt_core.model_families' group" in err
     assert "docs/writing-model-families.md" in err
     assert not (tmp_path / "out").exists()

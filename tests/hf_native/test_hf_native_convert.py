@@ -1,8 +1,8 @@
 """``ckpt convert`` of a transformers model's checkpoint to HF, through the ``hf`` family.
 
-The family is registered by hand here (its entry point is not declared yet):
-the manifest names ``hf``, and the converted folder loads in transformers with
-the trained model's logits, tied ``lm_head`` left out.
+The family is found through its entry point (ckpt-core declares it): the
+manifest names ``hf``, and the converted folder loads in transformers with the
+trained model's logits, tied ``lm_head`` left out.
 """
 
 from __future__ import annotations
@@ -16,13 +16,9 @@ pytest.importorskip("transformers")
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3_moe"])
-def test_convert_of_an_hf_native_checkpoint_loads_in_transformers(family, tmp_path, monkeypatch):
-    from ckpt_core import adapters
+def test_convert_of_an_hf_native_checkpoint_loads_in_transformers(family, tmp_path):
     from ckpt_core.cli.main import main
-    from ckpt_core.hf_native_family import hf_family
 
-    monkeypatch.setattr(adapters, "_manual", {})  # forget the registration afterwards
-    adapters.register_model_family(hf_family())
     model = f.build(family)
     f.run(model, f.config(str(tmp_path), export={"enable": False}), steps=2)
     out = tmp_path / "out"
