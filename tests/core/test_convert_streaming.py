@@ -176,8 +176,8 @@ def status(field):
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
 
-src, model, out = sys.argv[1:4]
-argv = ["--to", "hf", "--dtype", "bfloat16", "--no-progress", "--model", model]
+src, out = sys.argv[1:3]
+argv = ["--to", "hf", "--dtype", "bfloat16", "--no-progress"]
 assert main(["convert", src, out + "-warmup", *argv, "--max-shard-size", "1MB"]) == 0
 try:
     with open("/proc/self/clear_refs", "w") as f:
@@ -205,13 +205,15 @@ def test_peak_memory_of_a_convert_is_about_one_tensor_not_the_model(tmp_path):
     state = {k: torch.randn(v.shape, generator=generator) for k, v in meta.state_dict().items()}
     model_bytes = sum(t.numel() * t.element_size() for t in state.values())
     largest = max(t.numel() * t.element_size() for t in state.values())
-    dcp.save({"model": state}, checkpoint_id=str(tmp_path / "src"))
+    src = str(tmp_path / "src")
+    dcp.save({"model": state}, checkpoint_id=src)
     del state
-    config = tmp_path / "config.json"
-    config.write_text(json.dumps(LlamaStateDictAdapter(args).hf_config()))
+    model = LlamaStateDictAdapter(args).describe()
+    files = manifest.file_entries(src)
+    manifest.write(src, manifest.build(kind="checkpoint", step=1, files=files, model=model))
     env = {k: v for k, v in os.environ.items() if k != "CKPT_DISABLE_PLUGIN_AUTOLOAD"}
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, str(tmp_path / "src"), str(config), str(tmp_path / "out")],
+        [sys.executable, "-c", CHILD, src, str(tmp_path / "out")],
         capture_output=True,
         text=True,
         env=env,
