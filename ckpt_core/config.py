@@ -58,8 +58,10 @@ class InitialLoadConfig(_Strict):
     """``[checkpoint.initial_load]``: where a run starts when no step is committed."""
 
     path: str | None = Field(None, description="Folder or URI of the starting weights.")
-    format: Literal["dcp", "hf", "hf_quantized"] = Field(
-        "dcp", description="'dcp', 'hf' (safetensors folder) or 'hf_quantized' (fp8 blocks)."
+    format: Literal["dcp", "hf", "hf_quantized", "torchtitan"] = Field(
+        "dcp",
+        description="'dcp', 'hf' (safetensors folder), 'hf_quantized' (fp8 blocks) or "
+        "'torchtitan' (a torchtitan step or checkpoint folder; docs/torchtitan.md).",
     )
     model_only: bool = Field(True, description="Load only the model (not optimizer etc.).")
 
@@ -75,7 +77,10 @@ class ExportConfig(_Strict):
     """``[checkpoint.export]``: consumable exports, apart from resumable checkpoints."""
 
     enable: bool = Field(True, description="Write exports at all (needs a folder).")
-    folder: str = Field("export", description="Exports go to <folder>/step-<N>/.")
+    folder: str = Field(
+        "export",
+        description="Exports go to <folder>/step-<N>/; left unset, <checkpoint.folder>/export.",
+    )
     format: Literal["hf", "dcp"] = Field("hf", description="'hf' safetensors or 'dcp'.")
     dtype: ExportDtype = Field("bfloat16", description="Floating tensors are cast to this.")
     interval: int = Field(0, ge=0, description="Export every N steps; 0: last step only.")

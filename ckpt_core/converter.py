@@ -26,6 +26,9 @@ class Converter:
     #: Converters that, when also enabled, must come *before* this one in
     #: ``converters.enabled`` (LoRA wraps quantized linears: ``("qat", "float8")``).
     runs_after: ClassVar[tuple[str, ...]] = ()
+    #: The hook protocol (``ckpt_core.hookspecs.HOOK_PROTOCOL_VERSION``) this converter was
+    #: written for; a ckpt-core that no longer runs it, or does not run it yet, refuses it.
+    hook_protocol: ClassVar[int] = 1
 
     class Config(ConverterConfig):
         """This converter's options (none)."""

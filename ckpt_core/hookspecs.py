@@ -28,6 +28,16 @@ ENTRY_POINT_GROUP = "ckpt_core.converters"
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
+#: Version of the hook protocol below: it goes up when a hook's signature or meaning changes
+#: in a way existing converters would notice. A converter declares the version it was written
+#: for as its ``hook_protocol`` class attribute (1 when it says nothing).
+HOOK_PROTOCOL_VERSION = 1
+#: The oldest protocol this ckpt-core still runs. Deprecation path: a hook on its way out keeps
+#: its spec for one minor release, marked ``@hookspec(warn_on_impl=DeprecationWarning(...))``
+#: so pluggy warns when a converter implementing it registers; the release that removes it
+#: raises this number.
+OLDEST_HOOK_PROTOCOL = 1
+
 HOOK_NAMES = (
     "convert",
     "key_filter",

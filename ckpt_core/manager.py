@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from ckpt_core import owned_only, preflight, save_errors
+from ckpt_core import model_layout, owned_only, preflight, save_errors
 from ckpt_core.adapter import StateDictAdapter
 from ckpt_core.async_save import AsyncCheckpointer
 from ckpt_core.config import CORE_STATES, CheckpointConfig
@@ -143,6 +143,11 @@ class CheckpointManager:
                 )
             logger.info("No sd_adapter given: the default HF export is off for this run.")
             return False
+        if "folder" not in export.model_fields_set:
+            # Left at its default, the export goes inside the checkpoint folder, not the
+            # working directory: a run writes under the one folder it was given.
+            export.folder = layout.join(self.config.folder, export.folder)
+            logger.info("checkpoint.export.folder not set: exports go to %s", export.folder)
         return True
 
     # -- one writer and pre-flight (ckpt_core.storage.lock, ckpt_core.preflight) ----
@@ -444,7 +449,7 @@ class CheckpointManager:
         except Exception as exc:  # noqa: BLE001 - a description must not fail a save
             logger.warning("sd_adapter.update_hf_config({}) failed (%s); using describe()", exc)
             config = adapter.describe()
-        return {"adapter": name, "config": config}
+        return model_layout.record({"adapter": name, "config": config}, adapter)
 
     def _do_export(self, step: int) -> None:
         from ckpt_core.exporter import write_export

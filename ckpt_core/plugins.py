@@ -75,6 +75,7 @@ class Converters:
             except pluggy.PluginValidationError as exc:
                 raise PluginError(f"Converter {name!r}: {exc}") from exc
             _check_unmarked_hooks(self._pm, conv, name)
+            check_hook_protocol(conv, name)
         try:
             self._pm.check_pending()
         except pluggy.PluginValidationError as exc:
@@ -308,6 +309,26 @@ def _check_unmarked_hooks(pm: pluggy.PluginManager, conv: Any, name: str) -> Non
                 f"Converter {name!r} defines {hook}() without the @hookimpl marker, so "
                 f"pluggy would never call it. Decorate it with @ckpt_core.hookimpl."
             )
+
+
+def check_hook_protocol(conv: Any, name: str) -> None:
+    """Refuse a converter written for a hook protocol this ckpt-core does not run."""
+    version = getattr(conv, "hook_protocol", 1)
+    newest, oldest = hookspecs.HOOK_PROTOCOL_VERSION, hookspecs.OLDEST_HOOK_PROTOCOL
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise PluginError(
+            f"Converter {name!r}: hook_protocol must be a positive int, got {version!r}."
+        )
+    if version > newest:
+        raise PluginError(
+            f"Converter {name!r} was written for hook protocol {version}, newer than this "
+            f"ckpt-core's ({newest}): upgrade ckpt-core, or install an older release of the plugin."
+        )
+    if version < oldest:
+        raise PluginError(
+            f"Converter {name!r} was written for hook protocol {version}, which this ckpt-core "
+            f"no longer runs (oldest: {oldest}): upgrade the plugin, or pin an older ckpt-core."
+        )
 
 
 def check_ordering(names: Sequence[str], classes: Mapping[str, type]) -> None:

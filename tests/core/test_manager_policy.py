@@ -364,3 +364,24 @@ def test_dcp_exports_follow_their_interval_and_start_a_new_run(tmp_path):
     into.manager.load()
     rounded = {k: v.to(torch.bfloat16).float() for k, v in snapshot(bf16.model).items()}
     assert_same(snapshot(into.model), rounded)
+
+
+def test_the_default_export_goes_inside_the_checkpoint_folder_not_the_working_directory(
+    tmp_path, monkeypatch
+):
+    from ckpt_core.testing.converter_contract import SameNamesAdapter
+
+    monkeypatch.chdir(tmp_path)
+    config = CheckpointConfig(folder="ckpt", interval=1)
+    manager = CheckpointManager(config, TinyNet(), sd_adapter=SameNamesAdapter())
+    manager.save(1, last_step=True)
+    manager.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert (tmp_path / "ckpt" / "export" / "step-1" / "model.safetensors").is_file()
+    assert layout.committed_steps("ckpt") == [1]  # the export folder is no step
+
+    explicit = CheckpointConfig(folder="ckpt2", interval=1, export={"folder": "out"})
+    manager = CheckpointManager(explicit, TinyNet(), sd_adapter=SameNamesAdapter())
+    manager.save(1, last_step=True)
+    manager.close()
+    assert (tmp_path / "out" / "step-1" / "model.safetensors").is_file()

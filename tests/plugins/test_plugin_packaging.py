@@ -11,14 +11,32 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+#: The ckpt-core releases the bundled plugins and the documented examples are tested with.
+CORE_PIN = "ckpt-core>=0.1,<0.2"
+
+
+def test_the_pinned_ckpt_core_range_holds_this_ckpt_core_and_stops_at_the_next_minor():
+    from packaging.requirements import Requirement
+
+    import ckpt_core
+
+    spec = Requirement(CORE_PIN).specifier
+    assert ckpt_core.__version__ in spec
+    major, minor = (int(p) for p in ckpt_core.__version__.split(".")[:2])
+    assert f"{major}.{minor + 1}.0" not in spec
+    for example in ("ckpt-example-ema", "ckpt-example-gpt2"):
+        project = tomllib.loads(
+            (ROOT / "docs" / "examples" / example / "pyproject.toml").read_text()
+        )
+        assert CORE_PIN in project["project"]["dependencies"], example
 
 
 @pytest.mark.parametrize(
     "folder, dependencies",
     [
-        ("ckpt_plugins_lora", ["ckpt-core"]),
-        ("ckpt_plugins_qat", ["ckpt-core", "torchao==0.18.0"]),
-        ("ckpt_plugins_float8", ["ckpt-core", "torchao==0.18.0"]),
+        ("ckpt_plugins_lora", [CORE_PIN]),
+        ("ckpt_plugins_qat", [CORE_PIN, "torchao==0.18.0"]),
+        ("ckpt_plugins_float8", [CORE_PIN, "torchao==0.18.0"]),
     ],
 )
 def test_each_plugin_pyproject_declares_its_dependencies_and_entry_point(folder, dependencies):
