@@ -74,3 +74,26 @@ def first_of(items: Iterable[object], limit: int = 10, sep: str = ", ") -> str:
     items = [str(i) for i in items]
     more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
     return sep.join(items[:limit]) + more
+
+
+class NotEnabledError(ConfigError, KeyError):
+    """A converter looked up by name (``converters["lora"]``) is not enabled.
+
+    Also a ``KeyError``, as any failed lookup by key is.
+    """
+
+    def __str__(self) -> str:  # KeyError's own would quote the message
+        return Exception.__str__(self)
+
+
+class DestinationExistsError(CkptError, FileExistsError):
+    """The folder a write would create (an export, a step, ``ckpt convert``'s destination)
+    already exists; nothing was overwritten. Also a ``FileExistsError``.
+
+    ``ckpt`` exits 2: the user picks another destination or removes the old one.
+    """
+
+
+class ExportContentError(CheckpointError, TypeError):
+    """The export view holds an entry an HF folder cannot store: not a tensor, or a
+    dtype safetensors lacks. Also a ``TypeError``."""

@@ -24,8 +24,14 @@ from typing import Any
 
 import torch
 
+from ckpt_core import model_layout
 from ckpt_core.adapter import StateDictAdapter
-from ckpt_core.errors import CheckpointError, ConfigError, DamagedCheckpointError
+from ckpt_core.errors import (
+    CheckpointError,
+    ConfigError,
+    DamagedCheckpointError,
+    DestinationExistsError,
+)
 from ckpt_core.plugins import Converters
 from ckpt_core.storage import layout
 from ckpt_core.transforms import StateDictTransforms, parse_dtype
@@ -113,13 +119,16 @@ def write_export(
     error = None
     if rank == 0:
         if layout.exists(final_path):
-            error = f"{final_path} already exists; refusing to overwrite an export."
+            error = (
+                f"{final_path} already exists; refusing to overwrite an export. Remove it or "
+                "export to another folder."
+            )
         else:
             layout.remove_tree(tmp)  # leftovers of a crashed export
             layout.makedirs(tmp)
     error = _broadcast_error(error)
     if error:
-        raise FileExistsError(error)
+        raise DestinationExistsError(error)
 
     if fmt == "hf":
         from ckpt_core.storage.hf_writer import (
@@ -213,7 +222,9 @@ def _write_manifest(
         files=manifest.file_entries(folder, known),
         world_size=world,
         converters=converters.describe() if converters else [],
-        model=(sd_adapter.describe() or None) if sd_adapter is not None else None,
+        model=model_layout.record(sd_adapter.describe() or None, sd_adapter)
+        if sd_adapter is not None
+        else None,
     )
     manifest.write(folder, data)
 

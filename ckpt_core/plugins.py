@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from ckpt_core import hookspecs
 from ckpt_core.adapter import StateDictAdapter
 from ckpt_core.discovery import discover_converters
-from ckpt_core.errors import ConfigError, PluginError
+from ckpt_core.errors import ConfigError, NotEnabledError, PluginError
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,10 @@ class Converters:
         for conv in self._items:
             if self._name_of(conv) == name:
                 return conv
-        raise KeyError(f"converter {name!r} is not enabled; enabled: {self.names}")
+        raise NotEnabledError(
+            f"converter {name!r} is not enabled; enabled: {self.names or 'none'}. Add it to "
+            "converters.enabled, or look up one of those."
+        )
 
     def describe(self) -> list[dict[str, Any]]:
         """Names and options, for manifests: ``[{"name": ..., "options": {...}}]``."""

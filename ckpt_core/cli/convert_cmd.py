@@ -6,7 +6,10 @@ One process reads a source written on any number of ranks:
   ``config.json`` through the model-family registry (:mod:`ckpt_core.adapters`);
   fp8 block-quantized folders are dequantized;
 * a DCP checkpoint or export (``.metadata``): the architecture comes from its
-  manifest's ``model`` entry, or from ``--model`` when it has none;
+  manifest's ``model`` entry, or from ``--model`` when it has none; a DCP folder
+  without a manifest records no q/k layout and is refused unless ``--from ckpt``
+  declares it ckpt's (``--from torchtitan`` reads a torchtitan step, and
+  ``--to torchtitan`` writes one: :mod:`ckpt_core.torchtitan.convert`);
 * a checkpoint folder of ``step-<N>`` folders: the latest step (or ``--step``).
 
 The model is never built: it is planned on the ``meta`` device with the
@@ -33,7 +36,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``ckpt convert``."""
     parser.add_argument("src", help="source: HF folder, DCP step folder or checkpoint folder")
     parser.add_argument("dst", help="destination folder (must not exist unless --overwrite)")
-    parser.add_argument("--to", required=True, choices=["hf", "dcp"], help="output format")
+    parser.add_argument(
+        "--to", required=True, choices=["hf", "dcp", "torchtitan"], help="output format"
+    )
+    parser.add_argument(
+        "--from",
+        dest="source_format",
+        default="auto",
+        choices=["auto", "ckpt", "torchtitan"],
+        help="source format: a torchtitan step folder, or 'ckpt' for a DCP folder without "
+        "manifest that ckpt wrote (docs/torchtitan.md)",
+    )
     parser.add_argument(
         "--dtype",
         default=None,
@@ -180,6 +193,7 @@ def convert(
     progress: bool = False,
     workers: int = 1,
     max_shard_size: str | int | None = None,
+    source_format: str = "auto",
 ) -> str:
     """Convert ``src`` into ``dst``, one group of tensors at a time; returns the folder read."""
     from ckpt_core.cli import convert_dest
@@ -196,6 +210,13 @@ def convert(
     if workers < 1:
         raise ConfigError(f"convert: --workers {workers} must be 1 or more.")
     target = convert_dest.prepare(dst, overwrite=overwrite)
+    if "torchtitan" in (source_format, to):  # whole training states (ckpt_core.torchtitan)
+        from ckpt_core.cli.convert_torchtitan import convert_cli
+
+        return convert_cli(
+            src, dst, target, to=to, source_format=source_format, model=model, step=step,
+            dtype=dtype, overwrite=overwrite,
+        )  # fmt: skip
     folder, kind = resolve_source(src, step)
     if overwrite and _inside(folder, dst):
         raise CheckpointError(
@@ -203,7 +224,13 @@ def convert(
             "or holds it; write to another folder."
         )
     recorded = manifest.read(folder)
+    if kind == "dcp" and recorded is None and source_format != "ckpt":
+        _refuse_unrecorded(folder)  # no manifest: nothing records its q/k layout
     family, config = architecture(folder, kind, model, recorded)
+    if kind == "dcp" and recorded is not None:
+        from ckpt_core import model_layout
+
+        model_layout.check(recorded.get("model"), family.adapter(config), source=folder)
     # An export (HF or DCP) already holds the export view: no converters by default.
     is_export = (recorded or {}).get("kind") == "export"
     convs = _converters(converters, (recorded or {}).get("converters"), is_export=is_export)
@@ -243,6 +270,14 @@ def convert(
     return folder
 
 
+def _refuse_unrecorded(folder: str) -> None:
+    """A DCP source without manifest: torchtitan's, or of a layout nothing records."""
+    from ckpt_core.storage.safe_metadata import read_metadata
+    from ckpt_core.torchtitan.detect import CONVERT, refuse_unrecorded
+
+    refuse_unrecorded(folder, read_metadata(folder).state_dict_metadata, reader=CONVERT)
+
+
 def _stream(folder, kind, family, config, convs, recorded, target, **opts) -> None:
     """Plan, check, write and commit the conversion into ``target``."""
     from ckpt_core.exporter import _write_manifest, tmp_path_for
@@ -274,7 +309,12 @@ def _stream(folder, kind, family, config, convs, recorded, target, **opts) -> No
     conversion = Conversion(request, family=family)
     conversion.sources.check(conversion.full, opts["what"], folder)
     if layout.exists(target):
-        raise FileExistsError(f"{target} already exists; refusing to overwrite an export.")
+        from ckpt_core.errors import DestinationExistsError
+
+        raise DestinationExistsError(
+            f"{target} already exists; refusing to overwrite an export. Remove it or "
+            "choose another destination."
+        )
     layout.remove_tree(tmp)  # leftovers of a crashed convert
     layout.makedirs(tmp)
     for adapter in conversion.converter.subfolder_parts().values():
@@ -409,6 +449,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         progress=not args.no_progress,
         workers=args.workers,
         max_shard_size=args.max_shard_size,
+        source_format=args.source_format,
     )
     print(f"converted {folder} -> {args.dst} ({args.to})")
     return 0

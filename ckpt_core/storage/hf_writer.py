@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from ckpt_core.dtensor_utils import full_tensor, with_local
+from ckpt_core.errors import ExportContentError
 from ckpt_core.storage import layout
 from ckpt_core.storage.manifest import crc32_hex
 from ckpt_core.transforms import HFGroup, cast_dtype
@@ -89,12 +90,18 @@ def _plan(tensors: dict[str, Any], target: torch.dtype | None) -> list[_Entry]:
     entries = []
     for name, value in tensors.items():
         if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name!r} is a {type(value).__name__}; safetensors holds tensors.")
+            raise ExportContentError(
+                f"{name!r} is a {type(value).__name__}; safetensors holds tensors. Drop it from "
+                "the export view (a converter's state_dict_transform) or export as 'dcp'."
+            )
         if (
             value.dtype not in SAFETENSORS_DTYPES
             and cast_dtype(value.dtype, target) not in SAFETENSORS_DTYPES
         ):
-            raise TypeError(f"{name!r}: dtype {value.dtype} cannot be stored in safetensors.")
+            raise ExportContentError(
+                f"{name!r}: dtype {value.dtype} cannot be stored in safetensors. Cast it in a "
+                "converter's state_dict_transform or export as 'dcp'."
+            )
         entries.append(_Entry(name, value, cast_dtype(value.dtype, target), tuple(value.shape)))
     return entries
 

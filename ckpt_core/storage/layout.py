@@ -15,6 +15,8 @@ import os
 import re
 from typing import Any
 
+from ckpt_core.errors import DestinationExistsError
+
 STEP_PREFIX = "step-"
 TMP_PREFIX = ".tmp-step-"
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -200,7 +202,7 @@ def commit(tmp: str, final: str, *, fsync: bool = True) -> None:
     fs, inner_tmp = filesystem(tmp)
     _, inner_final = filesystem(final)
     if exists(final) or (fs is None and os.path.islink(inner_final)):
-        raise FileExistsError(
+        raise DestinationExistsError(
             f"{final} already exists; refusing to overwrite a committed folder. Remove it "
             "first or save under another step."
         )
