@@ -206,8 +206,12 @@ class Sources:
         keys = list(keys)
         return [k for k in keys if not (k in self.tied and self.tied[k] in keys)]
 
-    def read(self, specs: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    def read(
+        self, specs: Mapping[str, torch.Tensor], arena: Arena | None = None
+    ) -> tuple[dict[str, torch.Tensor], int]:
         """``(native key → tensor, bytes read)`` for the group ``specs`` (meta tensors).
+
+        The containers are carved from ``arena`` (default: the sources' own).
 
         A converter-owned key no source holds (an HF source carries no LoRA
         factors) is left out when its spec has no data, or kept as the model
@@ -216,7 +220,8 @@ class Sources:
         wanted = self.read_keys(specs)
         routes = self._routes(wanted)
         routed = {k for _, keys in routes for k in keys}
-        containers = self.arena.containers({k: specs[k] for k in wanted if k in routed})
+        arena = arena if arena is not None else self.arena
+        containers = arena.containers({k: specs[k] for k in wanted if k in routed})
         nbytes = 0
         values: dict[str, torch.Tensor] = {
             k: specs[k] for k in wanted if k not in routed and specs[k].device.type != "meta"

@@ -121,6 +121,7 @@ class Conversion:
         )
         self.reporter = Reporter()
         self._cache: tuple[Job, dict[str, Any]] | None = None
+        self._prefetch: _Prefetch | None = None
 
     def _source(self, path: str, kind: str) -> DcpSource | HfSource:
         if kind == "dcp":
@@ -137,15 +138,19 @@ class Conversion:
             sizes.append(Arena.size_of(self.full[k] for k in self.sources.read_keys(keys)))
         return max(sizes)
 
+    def compute(self, job: Job, arena: Arena | None = None) -> dict[str, Any]:
+        """Read one group's part into ``arena`` and convert it: output name → tensor."""
+        keys = self.converter.needed(self.plan.groups[job.group], job.part)
+        values, nbytes = self.sources.read({k: self.full[k] for k in keys}, arena)
+        self.reporter.read(nbytes)
+        return self.converter.outputs(values, job.part)
+
     def outputs(self, job: Job) -> dict[str, Any]:
         """Output name → tensor of one group's part (the last one is kept for the next call)."""
         if self._cache is not None and self._cache[0] == job:
             return self._cache[1]
         self._cache = None  # drop the previous group before reading the next
-        keys = self.converter.needed(self.plan.groups[job.group], job.part)
-        values, nbytes = self.sources.read({k: self.full[k] for k in keys})
-        self.reporter.read(nbytes)
-        out = self.converter.outputs(values, job.part)
+        out = self._prefetch.take(job) if self._prefetch is not None else self.compute(job)
         self._cache = (job, out)
         return out
 
@@ -177,21 +182,49 @@ class Conversion:
             return [hf_layout(f)[2] for f in self.plan.files]
         return [max(1, f.data_bytes) for f in self.plan.files]
 
+    def jobs_of(self, pieces: list[Piece]) -> list[Job]:
+        """The groups ``pieces`` need, in the order writing them asks for them."""
+        order: list[Job] = []
+        for piece in pieces:
+            file = self.plan.files[piece.file]
+            offsets = hf_layout(file)[1] if self.plan.fmt == "hf" else None
+            for i, (job, spec) in enumerate(file.entries):
+                if offsets is not None and not (
+                    offsets[i] < piece.end and offsets[i] + spec.nbytes > piece.start
+                ):
+                    continue
+                if not order or order[-1] != job:
+                    order.append(job)
+        return order
+
     def write(self, pieces: list[Piece]) -> list[PieceResult]:
-        """Write ``pieces`` in order, through one staging buffer; the arena sized once."""
+        """Write ``pieces`` in order, through one staging buffer.
+
+        A reader thread reads and converts the next group while this one is
+        written, into the second of two buffers sized for the largest group.
+        """
         from ckpt_core.storage.hf_writer import DEFAULT_BUFFER_BYTES, _Staging
 
-        self.sources.arena.reserve(self.largest_group_bytes())
+        jobs = self.jobs_of(pieces)
+        if len(jobs) > 1:
+            self._prefetch = _Prefetch(self.compute, jobs, self.largest_group_bytes())
+        else:
+            self.sources.arena.reserve(self.largest_group_bytes())
         staging = _Staging(DEFAULT_BUFFER_BYTES)
         results = []
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-convert") as pool:
-            for piece in pieces:
-                file = self.plan.files[piece.file]
-                if self.plan.fmt == "hf":
-                    results.append(self._write_hf_piece(file, piece, staging, pool))
-                else:
-                    results.append(self._write_dcp_file(file, piece))
-        self.release()
+        try:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-convert") as pool:
+                for piece in pieces:
+                    file = self.plan.files[piece.file]
+                    if self.plan.fmt == "hf":
+                        results.append(self._write_hf_piece(file, piece, staging, pool))
+                    else:
+                        results.append(self._write_dcp_file(file, piece))
+        finally:
+            self.release()
+            if self._prefetch is not None:
+                self._prefetch.close()
+                self._prefetch = None
         return results
 
     def _write_hf_piece(self, file: OutFile, piece: Piece, staging, pool) -> PieceResult:
@@ -246,6 +279,63 @@ class Conversion:
         )
         size, crc = written_checksums(writer)[file.path]
         return PieceResult(piece, int(crc.split(":")[1], 16), size, writes)
+
+
+class _Prefetch:
+    """Reads and converts the groups of ``jobs`` on a thread, one ahead of the writer.
+
+    Two buffers: the writer holds the one of the group it writes, the thread fills
+    the other; a buffer is free again when the writer asks for the next group.
+    """
+
+    def __init__(self, compute: Callable[[Job, Arena], dict[str, Any]], jobs, nbytes: int):
+        import queue
+
+        self.free: queue.Queue = queue.Queue()
+        self.ready: queue.Queue = queue.Queue()
+        for _ in range(2):
+            arena = Arena()
+            arena.reserve(nbytes)
+            self.free.put(arena)
+        self.held: Arena | None = None
+        self.stopped = False
+        self.thread = threading.Thread(
+            target=self._run, args=(compute, list(jobs)), name="ckpt-convert-read", daemon=True
+        )
+        self.thread.start()
+
+    def _run(self, compute: Callable[[Job, Arena], dict[str, Any]], jobs: list[Job]) -> None:
+        for job in jobs:
+            arena = self.free.get()
+            if self.stopped or arena is None:
+                return
+            try:
+                out = compute(job, arena)
+            except BaseException as exc:  # noqa: BLE001 - raised in the writer's thread
+                self.ready.put((job, arena, None, exc))
+                return
+            self.ready.put((job, arena, out, None))
+
+    def take(self, job: Job) -> dict[str, Any]:
+        """The outputs of ``job`` (the next one); the previous group's buffer is freed."""
+        if self.held is not None:
+            self.free.put(self.held)
+            self.held = None
+        got, arena, out, exc = self.ready.get()
+        self.held = arena
+        if exc is not None:
+            raise exc
+        if got != job:
+            raise CheckpointError(f"convert: read {got} where {job} was next (a planning bug).")
+        return out
+
+    def close(self) -> None:
+        """Stop the thread (after the current group) and free the buffers."""
+        self.stopped = True
+        self.held = None
+        self.free.put(None)
+        self.free.put(None)
+        self.thread.join()
 
 
 def hf_layout(file: OutFile) -> tuple[bytes, list[int], int]:
@@ -329,16 +419,19 @@ def _frames(stream: Any):
 
 
 class _PipeReporter(Reporter):
-    """Progress frames to the parent."""
+    """Progress frames to the parent (from the writer and the reader thread)."""
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
+        self.lock = threading.Lock()
 
     def read(self, nbytes: int) -> None:
-        _send(self.stream, ("read", nbytes, 0))
+        with self.lock:
+            _send(self.stream, ("read", nbytes, 0))
 
     def wrote(self, nbytes: int, tensors: int) -> None:
-        _send(self.stream, ("wrote", nbytes, tensors))
+        with self.lock:
+            _send(self.stream, ("wrote", nbytes, tensors))
 
 
 def _serve(conversion_or_request: Conversion | Request, pieces: list[Piece], out: Any) -> None:
@@ -349,8 +442,11 @@ def _serve(conversion_or_request: Conversion | Request, pieces: list[Piece], out
         else:
             conversion = conversion_or_request
             conversion.release()
-        conversion.reporter = _PipeReporter(out)
-        _send(out, ("ok", conversion.write(pieces)))
+        reporter = _PipeReporter(out)
+        conversion.reporter = reporter
+        results = conversion.write(pieces)
+        with reporter.lock:
+            _send(out, ("ok", results))
     except BaseException as exc:  # noqa: BLE001 - sent to the parent, raised there
         details = (
             type(exc).__module__,
