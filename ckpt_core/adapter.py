@@ -28,6 +28,11 @@ class StateDictAdapter(ABC):
     #: and :meth:`extra_files`. ``None``: its tensors join the model's files.
     subfolder: str | None = None
 
+    #: Rotary layout of the q/k weights the model computes with (``"rotate_half"``:
+    #: Hugging Face's and ckpt's reference models'), recorded in manifests and
+    #: compared on every load (:mod:`ckpt_core.model_layout`); ``None``: not declared.
+    rope_layout: str | None = None
+
     @abstractmethod
     def to_hf(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """Return the given native entries under HF names (tensors may be new)."""

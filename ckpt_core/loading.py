@@ -17,11 +17,11 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from ckpt_core import owned_only, resume
+from ckpt_core import model_layout, owned_only, resume
 from ckpt_core.config import InitialLoadConfig
 from ckpt_core.errors import CheckpointError
 from ckpt_core.states import ModelState
-from ckpt_core.storage import layout, pins, signing
+from ckpt_core.storage import layout, manifest, pins, signing
 from ckpt_core.storage.safe_metadata import METADATA_NAME, read_metadata
 
 if TYPE_CHECKING:
@@ -74,6 +74,7 @@ def _resume(manager: CheckpointManager, step: int, explicit: bool = False) -> No
     folder = manager.config.folder
     found = resume.check_step(folder, step, explicit=explicit)
     path = layout.step_dir(folder, step)
+    _check_layout(manager, path, found or None, own=True)
     signing.require_valid(path, manager.config.verify_key)
     states = _states_to_load(manager)
     if found.get("base"):  # an owned-only checkpoint: its frozen base first, then owned keys
@@ -111,7 +112,12 @@ def _initial_load(manager: CheckpointManager, initial: InitialLoadConfig | None 
     initial = initial or manager.config.initial_load
     path = initial.path
     assert path is not None
-    if initial.format == "dcp":
+    if initial.format == "torchtitan":
+        from ckpt_core.torchtitan.initial_load import load_torchtitan
+
+        signing.require_valid(path, manager.config.verify_key)
+        path = load_torchtitan(manager, initial)
+    elif initial.format == "dcp":
         if not layout.exists(layout.join(path, METADATA_NAME)):
             steps = resume.steps_with_manifest(path)
             if not steps:
@@ -123,6 +129,7 @@ def _initial_load(manager: CheckpointManager, initial: InitialLoadConfig | None 
             resume.check_step(path, steps[-1])
             path = layout.step_dir(path, steps[-1])
         signing.require_valid(path, manager.config.verify_key)
+        _check_layout(manager, path, manifest.read(path), own=False)
         states = _states_to_load(manager, model_only=initial.model_only)
         owned = manager.converters.key_filter
         if base_only:
@@ -149,8 +156,30 @@ def _initial_load(manager: CheckpointManager, initial: InitialLoadConfig | None 
         "Initial load from %s (format %s%s)",
         path,
         initial.format,
-        ", model only" if initial.model_only or initial.format != "dcp" else "",
+        ", model only" if initial.model_only or initial.format not in ("dcp", "torchtitan") else "",
     )
+
+
+def _check_layout(
+    manager: CheckpointManager, path: str, found: dict[str, Any] | None, *, own: bool
+) -> None:
+    """Refuse a step whose recorded rotary layout is not the model's, or that records none.
+
+    Without a manifest: a step of the run's own folder (loaded because
+    ``load_step`` asked for it) is refused only when its keys are torchtitan's;
+    an initial-load folder is refused whatever its keys, since nothing says
+    which layout its q/k weights are in (:mod:`ckpt_core.torchtitan.detect`).
+    """
+    from ckpt_core.torchtitan import detect
+
+    if found is not None:
+        model_layout.check(found.get("model"), manager.sd_adapter, source=path)
+        return
+    saved = read_metadata(path).state_dict_metadata
+    if own:
+        detect.refuse_torchtitan(path, saved, reader=detect.CONFIG)
+    else:
+        detect.refuse_unrecorded(path, saved, reader=detect.CONFIG)
 
 
 def _additional_loads(manager: CheckpointManager) -> None:

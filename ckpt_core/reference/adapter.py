@@ -98,6 +98,8 @@ class LlamaStateDictAdapter(StateDictAdapter):
     """
 
     registry_name = "llama"
+    #: q/k rows in Hugging Face's rotate-half layout (recorded in manifests).
+    rope_layout = "rotate_half"
     #: Native ↔ HF module paths.
     keys: KeyMap = LLAMA_KEYS
     #: The model in error messages.

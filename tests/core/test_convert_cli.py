@@ -107,7 +107,8 @@ def test_dcp_source_without_manifest_needs_model_option(tmp_path, capsys):
     import json
 
     config.write_text(json.dumps(LlamaStateDictAdapter(ARGS).hf_config()))
-    assert _convert(tmp_path / "raw", tmp_path / "out", "--to", "hf", "--model", config) == 0
+    declared = ("--from", "ckpt", "--model", config)  # no manifest: ckpt's layout, declared
+    assert _convert(tmp_path / "raw", tmp_path / "out", "--to", "hf", *declared) == 0
     got = _tensors(tmp_path / "out")
     assert torch.equal(got["model.norm.weight"], model.norm.weight)
 
@@ -494,7 +495,8 @@ def test_a_dcp_source_lacking_model_tensors_is_an_error_naming_them(tmp_path, ca
     dcp.save({"model": partial}, checkpoint_id=str(tmp_path / "raw"))
     config = tmp_path / "config.json"
     config.write_text(json.dumps(LlamaStateDictAdapter(ARGS).hf_config()))
-    assert _convert(tmp_path / "raw", tmp_path / "out", "--to", "hf", "--model", config) == 2
+    declared = ("--from", "ckpt", "--model", config)  # no manifest: ckpt's layout, declared
+    assert _convert(tmp_path / "raw", tmp_path / "out", "--to", "hf", *declared) == 2
     assert "lacks 1 model tensors: ['norm.weight']" in capsys.readouterr().err
 
 
@@ -542,7 +544,8 @@ def test_a_dcp_source_holding_float8_codes_is_refused_instead_of_widened(tmp_pat
     dcp.save({"model": state}, checkpoint_id=str(tmp_path / "raw"))
     config = tmp_path / "config.json"
     config.write_text(json.dumps(LlamaStateDictAdapter(ARGS).hf_config()))
-    assert _convert(tmp_path / "raw", tmp_path / "out", "--to", "hf", "--model", config) == 2
+    declared = ("--from", "ckpt", "--model", config)  # no manifest: ckpt's layout, declared
+    assert _convert(tmp_path / "raw", tmp_path / "out", "--to", "hf", *declared) == 2
     err = capsys.readouterr().err
     assert "1 model tensors as torch.float8_e4m3fn" in err and key in err
     assert "checkpoint.folder/step-N" in err
