@@ -17,6 +17,14 @@ CORE_STATES = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state"
 ExportDtype = Literal["float32", "bfloat16", "float16"]
 
 
+def comma_list(value: Any) -> Any:
+    """``"a, b,"`` → ``["a", "b"]`` (a list option as a command line gives it); any other
+    value is returned as it is, for the field's own validation."""
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -49,9 +57,7 @@ class ConvertersConfig(_Strict):
     @field_validator("enabled", mode="before")
     @classmethod
     def _split_names(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
-        return value
+        return comma_list(value)
 
 
 class InitialLoadConfig(_Strict):
@@ -147,9 +153,7 @@ class CheckpointConfig(_Strict):
     @field_validator("keep_steps", mode="before")
     @classmethod
     def _split_steps(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
-        return value
+        return comma_list(value)
 
     @field_validator("preemption_signal", mode="before")
     @classmethod
@@ -161,9 +165,7 @@ class CheckpointConfig(_Strict):
     @field_validator("exclude_from_loading", mode="before")
     @classmethod
     def _split_states(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
-        return value
+        return comma_list(value)
 
     @model_validator(mode="after")
     def _check_exclusions(self) -> CheckpointConfig:

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from ckpt_core.config import comma_list
 from ckpt_core.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
@@ -78,7 +79,7 @@ def apply_overrides(
         path = key.split(".")
         value = parse_value(raw)
         if isinstance(value, str) and _field_is_list(model, path):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            value = comma_list(value)
         node = data
         for part in path[:-1]:
             nxt = node.setdefault(part, {})

@@ -33,6 +33,7 @@ from ckpt_core.errors import (
     DestinationExistsError,
 )
 from ckpt_core.plugins import Converters
+from ckpt_core.rank_zero import distributed_on
 from ckpt_core.storage import layout
 from ckpt_core.transforms import StateDictTransforms, parse_dtype
 
@@ -45,7 +46,7 @@ LOAD_FORMATS = ("hf", "hf_quantized")
 def _dist() -> tuple[int, int]:
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if distributed_on():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
@@ -53,7 +54,7 @@ def _dist() -> tuple[int, int]:
 def _barrier() -> None:
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if distributed_on():
         dist.barrier()
 
 
@@ -61,7 +62,7 @@ def _broadcast_error(message: str | None) -> str | None:
     """Rank 0's error message (or ``None``) on every rank."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
+    if not distributed_on():
         return message
     box = [message]
     dist.broadcast_object_list(box, src=0)

@@ -40,7 +40,7 @@ from ckpt_core.hf_native import adapter_for
 from ckpt_core.model_wrapper import ModelWrapper
 from ckpt_core.plugins import Converters
 from ckpt_core.preemption import PreemptionHandler, parse_signals, pause_before_commit
-from ckpt_core.rank_zero import on_rank_zero
+from ckpt_core.rank_zero import distributed_on, on_rank_zero
 from ckpt_core.states import LRSchedulersContainer, ModelState, OptimizersContainer, as_stateful
 from ckpt_core.storage import layout, manifest, signing
 from ckpt_core.storage.dcp_io import storage_writer, written_checksums
@@ -50,8 +50,7 @@ from ckpt_core.train_state import TrainState
 logger = logging.getLogger(__name__)
 
 
-def _dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized()
+_dist_on = distributed_on
 
 
 class CheckpointManager:

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from ckpt_core import hookspecs
 from ckpt_core.adapter import StateDictAdapter
+from ckpt_core.config import comma_list
 from ckpt_core.discovery import discover_converters
 from ckpt_core.errors import ConfigError, NotEnabledError, PluginError
 
@@ -53,7 +54,7 @@ def split_list_options(config_cls: Any, raw: Mapping[str, Any] | None) -> dict[s
         field = fields.get(key)
         if isinstance(value, str) and field is not None:
             if typing.get_origin(field.annotation) in (list, tuple):
-                out[key] = [v.strip() for v in value.split(",") if v.strip()]
+                out[key] = comma_list(value)
     return out
 
 

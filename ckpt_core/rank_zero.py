@@ -17,6 +17,13 @@ from ckpt_core.errors import CheckpointError, CkptError
 T = TypeVar("T")
 
 
+def distributed_on() -> bool:
+    """Whether ``torch.distributed`` is built in and its default process group initialized."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def on_rank_zero(fn: Callable[[], T], rank: int, group: Any = None) -> T | None:
     """``fn()`` on rank 0 (its result; ``None`` elsewhere); collective on ``group``.
 

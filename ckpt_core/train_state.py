@@ -23,6 +23,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ckpt_core.rank_zero import distributed_on
+
 
 def _python_rng_tensor() -> tuple[torch.Tensor, int, float]:
     version, internal, gauss = random.getstate()
@@ -54,7 +56,7 @@ class TrainState:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state()
         state = {"step": int(self.step), "tokens_seen": int(self.tokens_seen), "rng": rng}
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if distributed_on() and dist.get_world_size() > 1:
             box = [state]
             group = self.process_group if self.process_group is not None else _cpu_group()
             dist.broadcast_object_list(box, src=0, group=group)

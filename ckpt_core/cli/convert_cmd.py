@@ -86,6 +86,7 @@ def _converters(
 
     Options always come from the source's manifest when it records the converter.
     """
+    from ckpt_core.config import comma_list
     from ckpt_core.discovery import discover_converters
     from ckpt_core.errors import ConfigError
     from ckpt_core.plugins import Converters
@@ -96,7 +97,7 @@ def _converters(
     elif arg.strip().lower() in ("none", ""):
         names = []
     else:
-        names = [n.strip() for n in arg.split(",") if n.strip()]
+        names = comma_list(arg)
     options = {c["name"]: c.get("options") or {} for c in recorded if c["name"] in names}
     dropped = [c["name"] for c in recorded if c["name"] not in names]
     if dropped and not is_export:

@@ -394,9 +394,10 @@ def safe_load(
     ``metadata`` as it returned), :func:`safe_reader`, :class:`SafeLoadPlanner`.
     Every failure, on any rank, is one :class:`CheckpointError` line.
     """
-    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
+
+    from ckpt_core.rank_zero import distributed_on
 
     metadata = metadata if metadata is not None else read_metadata(checkpoint)
     try:
@@ -405,7 +406,7 @@ def safe_load(
             storage_reader=safe_reader(checkpoint, metadata),
             planner=SafeLoadPlanner(source=checkpoint),
             process_group=process_group,
-            no_dist=not (dist.is_available() and dist.is_initialized()),
+            no_dist=not distributed_on(),
         )
     except CheckpointException as exc:
         raise _one_line(exc, checkpoint) from exc

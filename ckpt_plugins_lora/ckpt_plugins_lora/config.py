@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from ckpt_core.config import comma_list
 from ckpt_core.converter import ConverterConfig
 
 DEFAULT_TARGETS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
@@ -45,8 +46,7 @@ class LoRAConfig(ConverterConfig):
     @field_validator("target_modules", mode="before")
     @classmethod
     def _split_names(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+        value = comma_list(value)
         if isinstance(value, list):
             value = list(dict.fromkeys(value))  # drop repeats, keep order
         return value
