@@ -5,7 +5,9 @@
   linear dimension is a multiple of 128 so Float8 and QAT group size 128 apply.
 * ``small`` (~100M), ``1b`` (~1.2B): benchmarks.
 
-Llama 3 rope scaling is on in ``debug`` and above so that path is exercised.
+Llama 3 rope scaling is on in ``debug`` and above so that path is exercised, scaled as
+Llama 3.1 is: ``factor`` times the original context is the flavor's ``max_seq_len``
+(transformers warns when the original context is not below ``max_position_embeddings``).
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import copy
 
 from ckpt_core.reference.model import ModelArgs
 
-_LLAMA3_SCALING = {
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192,
-}
+def _llama3_scaling(max_seq_len: int, factor: float = 8.0) -> dict[str, float | int]:
+    """Llama 3 rope scaling that stretches ``max_seq_len / factor`` positions to ``max_seq_len``."""
+    return {
+        "factor": factor,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": int(max_seq_len // factor),
+    }
+
 
 FLAVORS: dict[str, ModelArgs] = {
     "tiny": ModelArgs(
@@ -33,7 +38,7 @@ FLAVORS: dict[str, ModelArgs] = {
         vocab_size=2048,
         ffn_hidden_dim=768,
         rope_theta=500000.0,
-        rope_scaling=dict(_LLAMA3_SCALING),
+        rope_scaling=_llama3_scaling(2048),
         max_seq_len=2048,
     ),
     "small": ModelArgs(
@@ -44,7 +49,7 @@ FLAVORS: dict[str, ModelArgs] = {
         vocab_size=32768,
         ffn_hidden_dim=2048,
         rope_theta=500000.0,
-        rope_scaling=dict(_LLAMA3_SCALING),
+        rope_scaling=_llama3_scaling(4096),
         max_seq_len=4096,
     ),
     "1b": ModelArgs(
@@ -55,7 +60,7 @@ FLAVORS: dict[str, ModelArgs] = {
         vocab_size=128256,
         ffn_hidden_dim=8192,
         rope_theta=500000.0,
-        rope_scaling=dict(_LLAMA3_SCALING),
+        rope_scaling=_llama3_scaling(8192),
         max_seq_len=8192,
         tie_word_embeddings=True,
     ),
