@@ -16,6 +16,7 @@ import copy
 
 from ckpt_core.reference.model import ModelArgs
 
+
 def _llama3_scaling(max_seq_len: int, factor: float = 8.0) -> dict[str, float | int]:
     """Llama 3 rope scaling that stretches ``max_seq_len / factor`` positions to ``max_seq_len``."""
     return {
