@@ -9,6 +9,13 @@ them randomly). :func:`add_quantization_config` merges them instead into one con
 whose groups name their modules explicitly, with ``format = "mixed-precision"`` when
 the groups' formats differ; compressed-tensors decompresses each module by its own
 group's format.
+
+Every config stored is *complete* (:func:`complete_quantization_config`): it carries
+every field compressed-tensors' own ``QuantizationConfig`` / ``QuantizationArgs`` models
+have and llm-compressor writes (``version``, ``sparsity_config``, ``transform_config``,
+``moe_sparsity_config``, and per scheme ``observer``, ``observer_kwargs``, ``actorder``,
+``block_structure``, ``scale_dtype``, ``zp_dtype``), so a consumer that requires them reads
+it as it reads llm-compressor's.
 """
 
 from __future__ import annotations
@@ -23,6 +30,61 @@ KEY = "quantization_config"
 MIXED = "mixed-precision"
 #: The one class target the bundled converters write; merging turns it into module names.
 LINEAR = "Linear"
+#: The compressed-tensors release whose config fields these configs follow (``version``).
+FORMAT_VERSION = "0.20.0"
+#: Top-level fields and their defaults, as llm-compressor writes them.
+_CONFIG_DEFAULTS: dict[str, Any] = {
+    "version": FORMAT_VERSION,
+    "quant_method": "compressed-tensors",
+    "sparsity_config": {},
+    "transform_config": {},
+    "kv_cache_scheme": None,
+    "global_compression_ratio": None,
+    "ignore": [],
+    "moe_sparsity_config": None,
+}
+_SCHEME_DEFAULTS: dict[str, Any] = {
+    "weights": None,
+    "input_activations": None,
+    "output_activations": None,
+    "format": None,
+}
+_ARGS_DEFAULTS: dict[str, Any] = {
+    "group_size": None,
+    "strategy": None,
+    "block_structure": None,
+    "dynamic": False,
+    "actorder": None,
+    "scale_dtype": None,
+    "zp_dtype": None,
+    "observer_kwargs": {},
+}
+#: Observer of static (calibrated once per tensor) quantization; dynamic has none.
+STATIC_OBSERVER = "memoryless_minmax"
+
+
+def complete_quantization_config(qc: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``qc`` with every field llm-compressor writes, missing ones at their defaults.
+
+    Per ``QuantizationArgs`` the observer is ``memoryless_minmax`` for static
+    quantization and none for dynamic, as llm-compressor records for the schemes the
+    bundled converters export.
+    """
+    out = copy.deepcopy(qc)
+    for key, default in _CONFIG_DEFAULTS.items():
+        out.setdefault(key, copy.deepcopy(default))
+    for scheme in out.get("config_groups", {}).values():
+        if not isinstance(scheme, dict):
+            continue
+        for key, default in _SCHEME_DEFAULTS.items():
+            scheme.setdefault(key, default)
+        for role in ("weights", "input_activations", "output_activations"):
+            args = scheme.get(role)
+            if isinstance(args, dict):
+                args = {**copy.deepcopy(_ARGS_DEFAULTS), **args}
+                args.setdefault("observer", None if args["dynamic"] else STATIC_OBSERVER)
+                scheme[role] = args
+    return out
 
 
 def add_quantization_config(
@@ -37,7 +99,7 @@ def add_quantization_config(
         quantized: HF module names this converter quantized.
         owner: the converter's name, for error messages.
 
-    With no ``quantization_config`` in ``config`` yet, ``qc`` is stored as it is.
+    With no ``quantization_config`` in ``config`` yet, ``qc`` is stored (completed).
     Otherwise both are merged: each group targets the HF module names it
     quantizes, ``ignore`` keeps the linears neither quantized, and a module that
     both quantize is a :class:`PluginError` naming them.
@@ -45,9 +107,11 @@ def add_quantization_config(
     out = copy.deepcopy(config)
     existing = out.get(KEY)
     if existing is None:
-        out[KEY] = copy.deepcopy(qc)
+        out[KEY] = complete_quantization_config(qc)
         return out
-    out[KEY] = merge_quantization_configs(existing, qc, quantized, owner)
+    out[KEY] = complete_quantization_config(
+        merge_quantization_configs(existing, qc, quantized, owner)
+    )
     return out
 
 

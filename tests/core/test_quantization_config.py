@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ckpt_core.errors import PluginError
-from ckpt_core.quantization_config import add_quantization_config
+from ckpt_core.quantization_config import add_quantization_config, complete_quantization_config
 
 LINEARS = ["m.0.q_proj", "m.0.k_proj", "m.0.down_proj", "m.1.q_proj", "m.1.k_proj"]
 
@@ -24,11 +24,15 @@ def qc(fmt: str, kind: str, quantized: list[str]) -> dict:
     }
 
 
-def test_the_first_config_is_stored_as_it_is_and_the_input_is_left_alone():
+def test_the_first_config_is_stored_completed_and_the_input_is_left_alone():
     config = {"model_type": "llama"}
     first = qc("pack-quantized", "int", ["m.0.q_proj"])
     out = add_quantization_config(config, first, ["m.0.q_proj"], owner="qat")
-    assert out["quantization_config"] == first
+    assert out["quantization_config"] == complete_quantization_config(first)
+    stored = out["quantization_config"]
+    assert {k: stored[k] for k in first if k != "config_groups"} == {
+        k: v for k, v in first.items() if k != "config_groups"
+    }
     assert "quantization_config" not in config
     out["quantization_config"]["ignore"].append("x")
     assert "x" not in first["ignore"]
