@@ -13,10 +13,10 @@ Modes (``checkpoint.async_mode``):
   weights. This is what ``dcp.async_save`` does with its thread executor, with
   the commit added to the same thread. The stager *keeps* its buffers between
   saves: freshly allocated memory is slow to touch on these machines, and
-  reusing buffers cut the staging time from ~28% to ~5-8% of a sync save (see
-  ``PERF_NOTES``). Buffers are keyed by the entry's path in the state dict,
-  never by storage, so tensors produced by state-dict hooks are copied fresh at
-  every save.
+  reusing buffers cut the staging time from ~28% to ~5-8% of a sync save
+  (measured in ``docs/performance.md``). Buffers are keyed by the entry's path in
+  the state dict, never by storage, so tensors produced by state-dict hooks are
+  copied fresh at every save.
 * ``"async_with_pinned_mem"`` — as ``"async"`` with page-locked buffers filled
   by non-blocking device-to-host copies enqueued on a side CUDA stream by the
   caller (microseconds); ``maybe_wait_for_staging`` waits for them. Without

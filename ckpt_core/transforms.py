@@ -8,7 +8,7 @@ Exporting runs three pure steps over state dicts (no I/O, no change to the model
    dtype is cast to it. Integer, boolean and 8-bit float tensors (quantized
    weights, float8 data) pass untouched; an ``float32`` export of a bf16 run is
    really fp32. :func:`cast_dtype` is the rule;
-3. **to_hf**: each key goes to an adapter (shared decision 6):
+3. **to_hf**: each key goes to an adapter:
 
    * keys owned by a converter whose adapter has a ``subfolder`` (LoRA's PEFT
      adapter) are taken from the **full** view and written by that adapter into

@@ -2,7 +2,7 @@
 
 torch's ``FileSystemWriter`` writes through the page cache: every save copies
 the checkpoint into freshly allocated page-cache pages (slow to touch on these
-machines, see ``PERF_NOTES``), then ``fsync`` waits for the disk. This module
+machines, see ``docs/performance.md``), then ``fsync`` waits for the disk. This module
 keeps DCP's planner, file layout and bytes exactly as they are and changes only
 how a data file reaches the disk: :class:`DirectStream` copies what DCP writes
 into one reused, page-aligned 64 MiB buffer and writes it with ``O_DIRECT``
