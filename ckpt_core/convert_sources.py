@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ckpt_core.adapter import StateDictAdapter
-from ckpt_core.errors import CheckpointError
+from ckpt_core.errors import CheckpointError, first_of
 
 logger = logging.getLogger(__name__)
 
@@ -266,10 +266,9 @@ def _check_source(
         expected = {name: tuple(t.shape) for name, t in source.names(specs).items()}
         missing = sorted(n for n in expected if n not in source.files)
         if missing:
-            more = f" ... and {len(missing) - 10} more" if len(missing) > 10 else ""
             raise CheckpointError(
                 f"{source.folder} lacks {len(missing)} tensors the model needs: "
-                f"{', '.join(missing[:10])}{more}. Is it a checkpoint of this architecture?"
+                f"{first_of(missing)}. Is it a checkpoint of this architecture?"
             )
     else:
         expected = {k: tuple(t.shape) for k, t in specs.items()}

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ckpt_core.errors import CheckpointError, ConfigError
+from ckpt_core.errors import CheckpointError, ConfigError, first_of
 from ckpt_core.storage import layout, manifest, paths
 from ckpt_core.storage.manifest import MANIFEST_NAME, SIGNATURE_NAME, Problem
 
@@ -422,10 +422,9 @@ def require_valid(folder: str, key_path: str | None) -> None:
         return
     problems = check_folder(folder, key_path)
     if problems:
-        p = problems[0]
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise CheckpointError(
-            f"{folder} failed signature verification with {key_path}: {p}{more}. Refusing to "
+            f"{folder} failed signature verification with {key_path}: "
+            f"{first_of(problems, 1)}. Refusing to "
             "load it: sign it with `ckpt sign` if you trust it, load another step, or unset "
             "checkpoint.verify_key."
         )
