@@ -161,6 +161,8 @@ def inspect_path(path: str, step: int | None = None) -> dict[str, Any]:
     if layout.exists(layout.join(target, ".metadata")):
         try:
             out.update(describe_dcp(target))
+            if out["manifest"] is None:
+                _torchtitan(out, target)
         except CheckpointError as exc:
             if "steps" not in out:
                 raise
@@ -172,6 +174,24 @@ def inspect_path(path: str, step: int | None = None) -> dict[str, Any]:
     elif "steps" not in out or out["steps"]:
         raise CheckpointError(f"{target} holds no DCP .metadata and no safetensors files.")
     return out
+
+
+def _torchtitan(out: dict[str, Any], target: str) -> None:
+    """Show a torchtitan step for what it is: its top-level weights are one ``model`` state."""
+    from ckpt_core.storage.safe_metadata import read_metadata
+    from ckpt_core.torchtitan.keys import torchtitan_evidence
+
+    evidence = torchtitan_evidence(read_metadata(target).state_dict_metadata)
+    if evidence is None:
+        return
+    out["torchtitan"] = evidence
+    states: dict[str, dict[str, int]] = {}
+    for name, s in out.get("states", {}).items():
+        own = name in ("optimizer", "lr_scheduler", "dataloader", "train_state", "model")
+        merged = states.setdefault(name if own else "model", {"entries": 0, "bytes": 0})
+        merged["entries"] += s["entries"]
+        merged["bytes"] += s["bytes"]
+    out["states"] = states
 
 
 def _print(info: dict[str, Any], limit: int) -> None:
@@ -199,6 +219,12 @@ def _print(info: dict[str, Any], limit: int) -> None:
         console.print(f"  model adapter {model.get('adapter')}, versions {man.get('versions')}")
         console.print(
             f"  files {len(man['files'])}, {_human(manifest_bytes(man))} (checksums {_algo(man)})"
+        )
+    elif info.get("torchtitan"):
+        console.print(
+            f"  a torchtitan checkpoint (no manifest.json; entry {info['torchtitan']!r}), q/k in "
+            "its interleaved layout: read it with ckpt convert SRC DST --from torchtitan "
+            '--model ARCH, or \\[checkpoint.initial_load] format = "torchtitan"'
         )
     else:
         console.print("  no manifest.json")

@@ -125,8 +125,8 @@ def load_torchtitan(manager: CheckpointManager, initial: InitialLoadConfig) -> s
             else:
                 plain[key] = value
         for key, why in translated.dropped.items():
-            level = logging.WARNING if why == DATALOADER_WHY else logging.INFO
-            logger.log(level, "initial load from torchtitan: %s left out (%s)", key, why)
+            if why != DATALOADER_WHY:  # the data loader's is one warning below
+                logger.info("initial load from torchtitan: %s left out (%s)", key, why)
     if optim is not None:
         absent = sorted(k for k in live_optim if f"optimizer.{k}" not in filled)
         if absent:
