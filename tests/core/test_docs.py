@@ -110,6 +110,8 @@ def test_the_docs_have_python_blocks_to_run():
 @pytest.mark.parametrize("block", RUNNABLE, ids=lambda b: b.id)
 def test_every_python_block_of_the_docs_runs(block, snippet_runs):
     result, _ = snippet_runs[block.id]
+    if result.get("skipped"):
+        pytest.skip(result["skipped"])
     assert result["ok"], f"{block.id} failed:\n{result.get('error')}"
 
 
@@ -142,6 +144,17 @@ def test_the_block_runner_reports_a_failing_block_and_reads_markers(tmp_path):
         ("setup", "tiny-llama", 8),
         (None, None, 11),
     ]
-    jobs = [{"id": "bad", "setup": "", "code": found[2].code, "cwd": str(tmp_path)}]
-    result = _run_jobs(jobs, tmp_path)["bad"]
-    assert not result["ok"] and "NameError: name 'undefined_name'" in result["error"]
+    jobs = [
+        {"id": "bad", "setup": "", "code": found[2].code, "cwd": str(tmp_path)},
+        {
+            "id": "optional",
+            "setup": "import pytest\npytest.importorskip('not_installed_pkg')\n",
+            "code": "x = 1\n",
+            "cwd": str(tmp_path),
+        },
+    ]
+    results = _run_jobs(jobs, tmp_path)
+    assert (
+        not results["bad"]["ok"] and "NameError: name 'undefined_name'" in results["bad"]["error"]
+    )
+    assert results["optional"]["ok"] and "not_installed_pkg" in results["optional"]["skipped"]
