@@ -36,6 +36,10 @@ TYPES = {
     "starcoder2": ({}, "hf"),
     "qwen2": ({"tie_word_embeddings": True}, "hf"),
     "llama": ({}, "llama"),
+    "qwen3_moe": (  # the native moe family: stacked experts, one group per layer's experts
+        {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "head_dim": 8},
+        "moe",
+    ),
 }
 
 
@@ -72,6 +76,44 @@ def test_hf_to_dcp_to_hf_is_bit_exact_for_transformers_model_types(tmp_path, mod
         with torch.no_grad():
             assert torch.equal(loaded(_tokens()).logits, model(_tokens()).logits)
     assert manifest.verify(str(tmp_path / "back")) == []
+
+
+def test_dcp_to_dcp_casts_and_applies_the_recorded_converters_like_dcp_to_hf(tmp_path):
+    pytest.importorskip("ckpt_plugins_lora")
+    from ckpt_core import CheckpointConfig, CheckpointManager, Converters
+    from ckpt_core.reference import LlamaStateDictAdapter, ModelArgs, build_model
+    from ckpt_core.storage.safe_metadata import read_metadata, safe_load
+
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96)
+    torch.manual_seed(0)
+    model = build_model(args)
+    converters = Converters.from_config(["lora"], {"lora": {"rank": 4, "alpha": 8}})
+    converters.convert(model)
+    with torch.no_grad():  # trained factors: merging changes the weights
+        for name, p in model.named_parameters():
+            if "lora_b" in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+    config = CheckpointConfig(folder=str(tmp_path / "ckpt"), export={"enable": False})
+    adapter = LlamaStateDictAdapter(args)
+    manager = CheckpointManager(config, model, converters=converters, sd_adapter=adapter)
+    manager.save(3, last_step=True)
+    manager.close()
+    for to in ("dcp", "hf"):
+        argv = [tmp_path / "ckpt", tmp_path / to, "--to", to, "--dtype", "bfloat16"]
+        assert _convert(*argv, "--max-shard-size", "30KB") == 0
+    meta = read_metadata(str(tmp_path / "dcp"))
+    state = {
+        k.removeprefix("model."): torch.empty(v.size, dtype=v.properties.dtype)
+        for k, v in meta.state_dict_metadata.items()
+    }
+    safe_load({"model": state}, str(tmp_path / "dcp"), metadata=meta)
+    assert len(os.listdir(tmp_path / "dcp")) > 4  # several data files
+    assert not any("lora" in k for k in state) and "layers.0.attention.wq.weight" in state
+    hf = _tensors(tmp_path / "hf")
+    assert hf.keys() == adapter.to_hf(state).keys()
+    for name, value in adapter.to_hf(state).items():
+        assert value.dtype == torch.bfloat16 and torch.equal(hf[name], value), name
+    assert manifest.read(str(tmp_path / "dcp"))["kind"] == "export"
 
 
 def test_the_hf_family_is_the_fallback_for_causal_lm_types_no_family_lists(capsys):
@@ -227,3 +269,57 @@ def test_peak_memory_of_a_convert_is_about_one_tensor_not_the_model(tmp_path):
     assert model_bytes > 2.5 * bound  # the bound would catch a whole-model read
     assert extra <= bound, f"peak grew by {extra / 2**20:.0f} MiB (bound {bound / 2**20:.0f})"
     assert _tensors(tmp_path / "out").keys() == _tensors(tmp_path / "out-warmup").keys()
+
+
+# -- grouping -----------------------------------------------------------------------------
+
+
+def test_groups_keep_factors_with_their_weight_and_a_fused_adapter_must_name_its_group():
+    from ckpt_core import StateDictAdapter
+    from ckpt_core.convert_plan import GroupConverter, group_keys, plan
+    from ckpt_core.errors import CheckpointError
+    from ckpt_core.transforms import StateDictTransforms
+
+    keys = [
+        "embed.weight",
+        "layers.0.q.weight",
+        "layers.0.q.lora_a.weight",
+        "layers.0.q.lora_b.weight",
+        "layers.0.experts.w1",
+        "layers.0.experts.w2",
+        "layers.0.k.weight",
+        "head.weight",
+    ]
+    groups = group_keys(keys, tied={"head.weight": "embed.weight"})
+    assert groups == [
+        ["embed.weight", "head.weight"],
+        ["layers.0.q.weight", "layers.0.q.lora_a.weight", "layers.0.q.lora_b.weight"],
+        ["layers.0.experts.w1", "layers.0.experts.w2"],
+        ["layers.0.k.weight"],
+    ]
+
+    class Fused(StateDictAdapter):  # writes q and k as one "qk" tensor
+        def __init__(self, together: bool) -> None:
+            self.together = together
+
+        def to_hf(self, sd):
+            out = {k: v for k, v in sd.items() if not k.endswith((".q.weight", ".k.weight"))}
+            if "a.q.weight" in sd and "a.k.weight" in sd:
+                out["a.qk.weight"] = torch.cat([sd["a.q.weight"], sd["a.k.weight"]])
+            return out
+
+        def from_hf(self, sd):
+            return sd
+
+        def convert_group(self, fqn):
+            return "a" if self.together and fqn.startswith("a.") else None
+
+    full = {k: torch.empty(4, 4, device="meta") for k in ("a.q.weight", "a.k.weight")}
+    for together in (False, True):
+        converter = GroupConverter(StateDictTransforms(Fused(together)), "hf", None)
+        if not together:
+            with pytest.raises(CheckpointError, match="convert_group"):
+                plan(converter, full, tied={}, max_file_bytes=1 << 20)
+        else:
+            entries = plan(converter, full, tied={}, max_file_bytes=1 << 20).files[0].entries
+            assert [(s.name, s.shape) for _, s in entries] == [("a.qk.weight", (8, 4))]
