@@ -176,6 +176,13 @@ def to_torchtitan_step(
             "pass --model (a flavor or an HF config.json)."
         )
     model_layout.check(entry, family.adapter(config), source=folder)
+    converters = [c.get("name") for c in (recorded or {}).get("converters") or []]
+    if converters:
+        raise ConfigError(
+            f"convert: {folder} was written with converters {converters}, whose keys and "
+            "transforms torchtitan does not have; export the merged model (--to hf) and load it "
+            "in torchtitan with checkpoint.initial_load_in_hf = true."
+        )
     entries = read_entries(folder)
     result = to_torchtitan(entries, Heads.from_hf_config(config), source=folder)
     _log_dropped(result, "convert --to torchtitan")

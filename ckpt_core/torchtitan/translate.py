@@ -219,6 +219,12 @@ def to_torchtitan(
     for key, value in entries.items():
         head, _, rest = key.partition(".")
         if head == "model":
+            if keys.to_native(rest) is None:
+                raise CheckpointError(
+                    f"{source}: model entry {rest!r} is no Llama weight torchtitan has (a "
+                    "converter's key?); export the merged model (--to hf) and load that in "
+                    "torchtitan with initial_load_in_hf instead."
+                )
             out.entries.update(_model_to(rest, value, heads))
         elif head == "optimizer":
             m = _OPTIM.match(key)

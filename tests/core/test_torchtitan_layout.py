@@ -160,3 +160,9 @@ def test_a_manifest_of_ckpt_0_1_without_a_layout_means_rotate_half(tmp_path):
     del data["model"]["rope_layout"]
     path.write_text(json.dumps(data))
     assert manager(tmp_path / "ckpt").load()
+
+
+def test_a_converter_key_is_refused_for_torchtitan():
+    entries = {"model.layers.0.attention.wq.lora_a.weight": torch.zeros(2, 3)}
+    with pytest.raises(CheckpointError, match="converter"):
+        to_torchtitan(entries, HEADS, source="c")

@@ -105,3 +105,35 @@ def test_the_torchtitan_flavor_table_matches_torchtitans_registry():
         theirs = architecture.from_model_config(build(attn_backend="flex"))
         ours = architecture.from_spec(f"llama3:{flavor}")
         assert ours == theirs, flavor
+
+
+def test_tied_embeddings_cross_both_ways_as_one_tensor(gloo, tmp_path):
+    import json as _json
+
+    run = _titan.build(seed=2, tied=True)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(10):
+        _titan.train_step(run, _titan.batch(gen))
+    manager = _titan.manager(run, str(tmp_path / "tt"))
+    manager.save(10)
+    manager.close()
+    args = tmp_path / "tied.json"
+    args.write_text(_json.dumps({**_titan.ARGS, "enable_weight_tying": True}))
+    out = tmp_path / "ckpt" / "step-10"
+    assert main(["convert", str(tmp_path / "tt" / "checkpoint" / "step-10"), str(out),
+                 "--from", "torchtitan", "--to", "dcp", "--model", str(args)]) == 0  # fmt: skip
+    model, manifest = _load_dcp_model(str(out))
+    assert manifest["model"]["config"]["tie_word_embeddings"] is True
+    assert not any("output" in k for k in _keys(str(out)))
+    assert (_ckpt_logits(model) - _titan_logits(run)).abs().max() < 1e-5
+    back = tmp_path / "back" / "checkpoint" / "step-10"
+    assert main(["convert", str(out), str(back), "--to", "torchtitan"]) == 0
+    again = _titan.build(seed=3, tied=True)
+    loader = _titan.manager(again, str(tmp_path / "back"), exclude_from_loading=["dataloader"])
+    assert loader.load()
+    loader.close()
+    assert again.model.lm_head.weight is again.model.tok_embeddings.weight
+    assert torch.equal(again.model.lm_head.weight, run.model.lm_head.weight)
+    ours, theirs = again.optimizers.state_dict(), run.optimizers.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(v, ours[k]) for k, v in theirs.items() if isinstance(v, torch.Tensor))
