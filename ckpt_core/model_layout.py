@@ -70,3 +70,39 @@ def check(entry: Any, adapter: Any, *, source: str) -> None:
         "Convert the checkpoint to this model's layout first (for a torchtitan source: "
         "ckpt convert SRC DST --from torchtitan --to dcp)."
     )
+
+
+#: ``config.json`` fields that change what the weights compute without changing a shape.
+MATH_FIELDS = (
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",  # transformers 5: theta and scaling in one table
+    "rms_norm_eps",
+    "hidden_act",
+    "tie_word_embeddings",
+    "head_dim",
+    "norm_topk_prob",
+    "num_experts_per_tok",
+)
+
+
+def check_config(entry: Any, live: Any, *, source: str) -> None:
+    """Refuse a checkpoint whose recorded ``config`` differs from the live model's in a
+    field that changes the math but no shape (RoPE scaling, norm eps, activation, ...).
+
+    Fields either side does not record are not compared.
+    """
+    saved = entry.get("config") if isinstance(entry, dict) else None
+    now = live.get("config") if isinstance(live, dict) else None
+    if not isinstance(saved, dict) or not isinstance(now, dict):
+        return
+    differ = [k for k in MATH_FIELDS if k in saved and k in now and saved[k] != now[k]]
+    if differ:
+        k = differ[0]
+        raise CheckpointError(
+            f"{source} was saved by a model whose config.json field {k} is {saved[k]!r}; this "
+            f"model has {now[k]!r} (fields that differ: {', '.join(differ)}): the weights would "
+            "load and compute something else. Build the model with the checkpoint's config "
+            "(its manifest's model.config, e.g. model.name = an HF folder with that "
+            "config.json), or start a new checkpoint folder."
+        )
