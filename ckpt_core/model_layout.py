@@ -80,9 +80,22 @@ MATH_FIELDS = (
     "rms_norm_eps",
     "hidden_act",
     "tie_word_embeddings",
-    "head_dim",
     "norm_topk_prob",
     "num_experts_per_tok",
+)
+
+
+#: Fields that change shapes: when one differs, the shape check reports the model instead.
+SHAPE_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "num_experts",
+    "moe_intermediate_size",
 )
 
 
@@ -96,6 +109,8 @@ def check_config(entry: Any, live: Any, *, source: str) -> None:
     now = live.get("config") if isinstance(live, dict) else None
     if not isinstance(saved, dict) or not isinstance(now, dict):
         return
+    if any(saved.get(k) != now.get(k) for k in SHAPE_FIELDS):
+        return  # another architecture: the shape check names the tensors that differ
     differ = [k for k in MATH_FIELDS if k in saved and k in now and saved[k] != now[k]]
     if differ:
         k = differ[0]
