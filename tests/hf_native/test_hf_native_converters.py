@@ -1,8 +1,9 @@
 """LoRA, QAT and Float8 on transformers models with no adapter (1 rank).
 
-* LoRA on llama and gemma3 (tied): the merged export loads in transformers and
-  the PEFT adapter in ``peft.PeftModel.from_pretrained``, each with the trained
-  model's logits; a resume is bit-identical.
+* LoRA on each family (qwen2 and gemma3 tied, phi3 fused, qwen3_moe with
+  stacked experts): the merged export loads in transformers with the trained
+  model's logits (fp32, < 1e-5) and the PEFT adapter in
+  ``peft.PeftModel.from_pretrained`` (< 1e-4); a resume is bit-identical.
 * QAT (int4 groups) on qwen3: the compressed-tensors export loads in
   transformers with the fake-quantized logits; a resume is bit-identical.
 * Float8 (emulated) on llama: a resume is bit-identical and the export holds
@@ -46,20 +47,33 @@ def trained_and_resumed(family: str, make: Any, tmp_path) -> tuple[Any, Any, dic
 # -- LoRA ---------------------------------------------------------------------------
 
 
-def lora() -> Converters:
+#: family -> the linears LoRA adapts. phi3 fuses q/k/v and gate/up into one linear each;
+#: qwen3_moe's experts are stacked tensors (no nn.Linear), so only its attention is adapted.
+LORA_TARGETS = {
+    **{family: f.LINEARS for family in f.FAMILIES},
+    "phi3": "qkv_proj,o_proj,gate_up_proj,down_proj",
+    "qwen3_moe": "q_proj,k_proj,v_proj,o_proj",
+}
+
+
+def lora(family: str) -> Any:
+    """A maker of fresh LoRA converters for ``family`` (rank 4, merged and PEFT export)."""
     from ckpt_plugins_lora import LoRAConverter
 
-    options = {"rank": 4, "alpha": 8, "target_modules": f.LINEARS, "export": "both"}
-    return Converters([LoRAConverter(LoRAConverter.Config(**options))])
+    options = {"rank": 4, "alpha": 8, "target_modules": LORA_TARGETS[family], "export": "both"}
+    return lambda: Converters([LoRAConverter(LoRAConverter.Config(**options))])
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("family", list(f.FAMILIES))
 def test_lora_merged_export_and_peft_adapter_give_the_trained_logits(family, tmp_path):
     peft = pytest.importorskip("peft")
     pytest.importorskip("ckpt_plugins_lora")
-    model, _, want, resumed = trained_and_resumed(family, lora, tmp_path)
+    model, _, want, resumed = trained_and_resumed(family, lora(family), tmp_path)
     f.assert_identical(resumed, want)
-    assert model.model.layers[0].self_attn.q_proj.lora_b.weight.abs().sum() > 0
+    targets = sorted(LORA_TARGETS[family].split(","))
+    attention = model.model.layers[0].self_attn
+    adapted = attention.qkv_proj if family == "phi3" else attention.q_proj
+    assert adapted.lora_b.weight.abs().sum() > 0
     expected = f.logits(model.eval())
     export = tmp_path / "export" / "step-4"
 
@@ -68,16 +82,18 @@ def test_lora_merged_export_and_peft_adapter_give_the_trained_logits(family, tmp
     assert not any("lora" in k for k in merged_keys)
     assert ("lm_head.weight" in merged_keys) == (family not in f.TIED)
     merged = f.from_export(str(export))
-    assert abs(f.logits(merged) - expected).max() < 1e-4
+    assert abs(f.logits(merged) - expected).max() < 1e-5
 
     adapter = export / "adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
-    assert config["target_modules"] == sorted(f.LINEARS.split(","))
+    assert config["target_modules"] == targets
     with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as handle:
         keys = sorted(handle.keys())
-    assert len(keys) == 2 * 7 * 2  # A and B, seven linears, two layers
-    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert len(keys) == 2 * len(targets) * 2  # A and B, each target, two layers
+    first = "qkv_proj" if family == "phi3" else "q_proj"
+    assert f"base_model.model.model.layers.0.self_attn.{first}.lora_A.weight" in keys
     base = f.build(family, seed=0)  # the frozen base is the model as built
+    assert abs(f.logits(base.eval()) - expected).max() > 1e-3  # the adapter matters
     with_adapter = peft.PeftModel.from_pretrained(base, str(adapter)).eval()
     assert abs(f.logits(with_adapter) - expected).max() < 1e-4
 
