@@ -34,6 +34,10 @@ logger = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``ckpt convert``."""
+    parser.epilog = (
+        "torchtitan: --from torchtitan reads a torchtitan step folder, --to torchtitan writes "
+        "one (docs/torchtitan.md)"
+    )
     parser.add_argument("src", help="source: HF folder, DCP step folder or checkpoint folder")
     parser.add_argument("dst", help="destination folder (must not exist unless --overwrite)")
     parser.add_argument(
