@@ -44,7 +44,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from ckpt_core import CheckpointConfig
-from ckpt_core.manager import CheckpointManager
+from ckpt_core.policy.manager import CheckpointManager
 from ckpt_core.storage import layout
 
 TENSOR_BYTES = 96 << 20

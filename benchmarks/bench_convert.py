@@ -54,7 +54,7 @@ from ckpt_core.cli.main import main
 def dcp_hf(src, out):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
-    from ckpt_core.exporter import single_process_quiet
+    from ckpt_core.policy.exporter import single_process_quiet
     from ckpt_core.reference import LlamaStateDictAdapter
     from ckpt_core.reference.hf_config import from_hf_config
     from ckpt_core.storage import manifest
@@ -134,7 +134,7 @@ def make_source(folder: str, size_gib: float, dim: int = 1024) -> dict:
     import torch
     import torch.distributed.checkpoint as dcp
 
-    from ckpt_core.exporter import single_process_quiet
+    from ckpt_core.policy.exporter import single_process_quiet
     from ckpt_core.reference import LlamaStateDictAdapter, ModelArgs, build_model
     from ckpt_core.storage import manifest
 

@@ -2,7 +2,7 @@
 
 Compares, on the same reference-Llama weights (``--size-gib`` of fp32, default 1):
 
-* ``ckpt``: :func:`ckpt_core.exporter.write_export` (``fmt="hf"``, bf16): export
+* ``ckpt``: :func:`ckpt_core.policy.exporter.write_export` (``fmt="hf"``, bf16): export
   view, cast tensor by tensor into one reused buffer, safetensors + index +
   config + manifest, temporary folder committed by rename, fsync'd;
 * ``dcp_hf``: ``torch.distributed.checkpoint`` ``HuggingFaceStorageWriter``
@@ -96,7 +96,7 @@ def model_for(size_gib: float):
 
 def run_ckpt(model, adapter, out: str) -> None:
     from ckpt_core import ModelWrapper
-    from ckpt_core.exporter import write_export
+    from ckpt_core.policy.exporter import write_export
 
     write_export(ModelWrapper(model), out, fmt="hf", dtype="bfloat16", sd_adapter=adapter)
 
@@ -105,7 +105,7 @@ def run_dcp_hf(model, adapter, out: str) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
-    from ckpt_core.exporter import single_process_quiet
+    from ckpt_core.policy.exporter import single_process_quiet
 
     hf = {k: v.to(torch.bfloat16) for k, v in adapter.to_hf(model.state_dict()).items()}
     with single_process_quiet():

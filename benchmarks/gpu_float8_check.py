@@ -13,7 +13,7 @@ What it does (one process, one GPU, < 3 minutes on an H200):
 2. trains ``--steps`` AdamW steps, saving a DCP checkpoint (CheckpointManager) at
    ``--save-at``; a fresh model resumes from it and must reproduce the remaining
    losses exactly (deterministic algorithms on) and hold the saved weights bit for bit;
-3. exports ``export = "fp8"`` with ``ckpt_core.exporter.write_export``: every fp8
+3. exports ``export = "fp8"`` with ``ckpt_core.policy.exporter.write_export``: every fp8
    weight must equal torchao's training cast of the master weight byte for byte, and
    the logits of a model rebuilt from the export (dequantized weights, dynamic
    per-tensor fp8 activations, as compressed-tensors runs it) must sit much closer
@@ -284,7 +284,7 @@ def train_step(model, opt, tokens, convs=None) -> float:
 
 
 class _DCPCheckpointer:
-    """Fallback when ckpt_core.manager cannot be imported: model + optimizer via DCP."""
+    """Fallback when ckpt_core.policy.manager cannot be imported: model + optimizer via DCP."""
 
     def __init__(self, folder, model, opt, convs) -> None:
         self.folder, self.model, self.opt, self.convs = folder, model, opt, convs
@@ -345,7 +345,7 @@ def export_checks(model, convs, margs, adapter, tokens, out, checks, summary) ->
     from torchao.float8.float8_training_tensor import GemmInputRole, LinearMMConfig
 
     from ckpt_core import ModelWrapper
-    from ckpt_core.exporter import write_export
+    from ckpt_core.policy.exporter import write_export
 
     folder = os.path.join(out, "export", "step-final")
     t0 = time.perf_counter()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ckpt_core.adapter import StateDictAdapter
+from ckpt_core._version import __version__
 from ckpt_core.config import CheckpointConfig, ConvertersConfig
-from ckpt_core.converter import Converter, ConverterConfig
+from ckpt_core.content.model_wrapper import ModelWrapper
 from ckpt_core.errors import (
     CheckpointError,
     CkptError,
@@ -17,21 +17,26 @@ from ckpt_core.errors import (
     PreflightError,
     SaveError,
 )
-from ckpt_core.hookspecs import hookimpl, hookspec
-from ckpt_core.model_wrapper import ModelWrapper
-from ckpt_core.plugins import Converters
-
-__version__ = "0.1.0"
+from ckpt_core.protocol.converter import Converter, ConverterConfig
+from ckpt_core.protocol.hookspecs import hookimpl
+from ckpt_core.protocol.plugin_host import Converters
+from ckpt_core.protocol.state_dict_adapter import StateDictAdapter
 
 if TYPE_CHECKING:
-    from ckpt_core.hf_native import HFNativeAdapter
-    from ckpt_core.manager import CheckpointManager
-    from ckpt_core.transforms import StateDictTransforms
+    from ckpt_core.content.families import ModelFamily, register_model_family
+    from ckpt_core.content.hf_native import HFNativeAdapter
+    from ckpt_core.content.transforms import StateDictTransforms
+    from ckpt_core.policy.exporter import load_hf, write_export
+    from ckpt_core.policy.manager import CheckpointManager
 
 _LAZY = {
-    "CheckpointManager": "ckpt_core.manager",
-    "HFNativeAdapter": "ckpt_core.hf_native",
-    "StateDictTransforms": "ckpt_core.transforms",
+    "CheckpointManager": "ckpt_core.policy.manager",
+    "HFNativeAdapter": "ckpt_core.content.hf_native",
+    "StateDictTransforms": "ckpt_core.content.transforms",
+    "ModelFamily": "ckpt_core.content.families",
+    "register_model_family": "ckpt_core.content.families",
+    "load_hf": "ckpt_core.policy.exporter",
+    "write_export": "ckpt_core.policy.exporter",
 }
 
 
@@ -63,7 +68,10 @@ __all__ = [
     "SaveError",
     "StateDictAdapter",
     "StateDictTransforms",
+    "ModelFamily",
     "hookimpl",
-    "hookspec",
+    "load_hf",
+    "register_model_family",
+    "write_export",
     "__version__",
 ]

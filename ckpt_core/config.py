@@ -158,7 +158,7 @@ class CheckpointConfig(_Strict):
     @field_validator("preemption_signal", mode="before")
     @classmethod
     def _parse_signals(cls, value: Any) -> Any:
-        from ckpt_core.preemption import parse_signals, signal_names
+        from ckpt_core.policy.preemption import parse_signals, signal_names
 
         return signal_names(parse_signals(value))
 

@@ -2,7 +2,7 @@
 
 Run as ``python -m ckpt_core.selftest_worker '<tasks as JSON>'``. Each task
 trains or resumes a small MLP (about a million parameters, AdamW, a step
-scheduler) through :class:`~ckpt_core.manager.CheckpointManager` on the
+scheduler) through :class:`~ckpt_core.policy.manager.CheckpointManager` on the
 storage under test. The data of step ``s`` is drawn from a generator seeded
 with ``s``, so two runs that hold the same state at step ``s`` hold the same
 state at every later step: a resume is bit-exact when the digest of the
@@ -48,7 +48,7 @@ class _Run:
         from torch import nn
 
         from ckpt_core import CheckpointConfig
-        from ckpt_core.manager import CheckpointManager
+        from ckpt_core.policy.manager import CheckpointManager
 
         torch.manual_seed(seed)
         self.torch = torch

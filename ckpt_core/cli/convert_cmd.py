@@ -3,7 +3,7 @@
 One process reads a source written on any number of ranks:
 
 * an HF folder (``config.json`` + safetensors): the architecture comes from
-  ``config.json`` through the model-family registry (:mod:`ckpt_core.adapters`);
+  ``config.json`` through the model-family registry (:mod:`ckpt_core.content.families`);
   fp8 block-quantized folders are dequantized;
 * a DCP checkpoint or export (``.metadata``): the architecture comes from its
   manifest's ``model`` entry, or from ``--model`` when it has none; a DCP folder
@@ -16,8 +16,8 @@ The model is never built: it is planned on the ``meta`` device with the
 converters applied (by default those recorded in the source's manifest, with
 their options, so a LoRA checkpoint becomes a merged model; ``--converters
 none`` exports the raw full view), then read, converted and written one group
-of tensors at a time (:mod:`ckpt_core.streaming_convert`), by ``--workers``
-processes. The output is what :func:`ckpt_core.exporter.write_export` writes.
+of tensors at a time (:mod:`ckpt_core.convert.streaming`), by ``--workers``
+processes. The output is what :func:`ckpt_core.policy.exporter.write_export` writes.
 """
 
 from __future__ import annotations
@@ -91,9 +91,9 @@ def _converters(
     Options always come from the source's manifest when it records the converter.
     """
     from ckpt_core.config import comma_list
-    from ckpt_core.discovery import discover_converters
     from ckpt_core.errors import ConfigError
-    from ckpt_core.plugins import Converters
+    from ckpt_core.protocol.discovery import discover_converters
+    from ckpt_core.protocol.plugin_host import Converters
 
     recorded = recorded or []
     if arg is None:
@@ -155,7 +155,7 @@ def _reporter(bar, folder: str, dst: str, conversion):
     """Progress of reading and writing (bytes and tensors) on the rich bar."""
     import threading
 
-    from ckpt_core.streaming_convert import Reporter
+    from ckpt_core.convert.streaming import Reporter
 
     if bar is None:
         return Reporter()
@@ -233,7 +233,7 @@ def convert(
         _refuse_unrecorded(folder)  # no manifest: nothing records its q/k layout
     family, config = architecture(folder, kind, model, recorded)
     if kind == "dcp" and recorded is not None:
-        from ckpt_core import model_layout
+        from ckpt_core.content import model_layout
 
         model_layout.check(recorded.get("model"), family.adapter(config), source=folder)
     # An export (HF or DCP) already holds the export view: no converters by default.
@@ -285,16 +285,16 @@ def _refuse_unrecorded(folder: str) -> None:
 
 def _stream(folder, kind, family, config, convs, recorded, target, **opts) -> None:
     """Plan, check, write and commit the conversion into ``target``."""
-    from ckpt_core.exporter import _write_manifest, tmp_path_for
-    from ckpt_core.storage import layout
-    from ckpt_core.storage.hf_writer import DEFAULT_MAX_SHARD_BYTES
-    from ckpt_core.streaming_convert import (
+    from ckpt_core.convert.streaming import (
         DCP_FILE_BYTES,
         Conversion,
         Request,
         finish,
         write_all,
     )
+    from ckpt_core.policy.exporter import _write_manifest, tmp_path_for
+    from ckpt_core.storage import layout
+    from ckpt_core.storage.hf_writer import DEFAULT_MAX_SHARD_BYTES
 
     tmp = tmp_path_for(target)
     request = Request(
@@ -363,7 +363,7 @@ def _base(folder: str, recorded) -> tuple[str, str] | None:
         return None
     from ckpt_core.cli.convert_source import resolve_source
     from ckpt_core.config import InitialLoadConfig
-    from ckpt_core.owned_only import base_to_load
+    from ckpt_core.content.owned_only import base_to_load
 
     initial = base_to_load(base, InitialLoadConfig())
     logger.info("convert: %s holds converter-owned weights only; base: %s", folder, initial.path)
@@ -397,13 +397,13 @@ def _check_size(family, config, folder: str, kind: str, source: str, recorded) -
     """Refuse declared sizes that are malformed or that the source's data cannot hold.
 
     Runs before the model is built: the config's size fields are checked
-    (:func:`~ckpt_core.hf_config_checks.check_sizes`, then the family's own
+    (:func:`~ckpt_core.content.hf_config_checks.check_sizes`, then the family's own
     ``check_config`` when it has one), then the parameters of
     the model built on the ``meta`` device (no memory) are compared with the
     bytes of the source's files; each parameter takes at least one stored byte.
     ``source`` names where the config came from.
     """
-    from ckpt_core.hf_config_checks import check_sizes
+    from ckpt_core.content.hf_config_checks import check_sizes
     from ckpt_core.storage import layout
 
     # Bounds of the fields present; which fields a config needs is its family's to say.

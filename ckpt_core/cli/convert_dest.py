@@ -80,7 +80,7 @@ def replace(target: str, dst: str) -> None:
 def discard(target: str, *, overwrite: bool) -> None:
     """Remove what a failed write to ``target`` left: its temporary folder, and with
     ``overwrite`` the ``.ckpt-convert-new`` folder itself (checked absent before)."""
-    from ckpt_core.exporter import tmp_path_for
+    from ckpt_core.policy.exporter import tmp_path_for
 
     for path in (tmp_path_for(target), target) if overwrite else (tmp_path_for(target),):
         try:

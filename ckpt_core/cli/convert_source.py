@@ -7,7 +7,7 @@
 * :func:`source_float_dtype`: the one floating dtype the source holds, if unique;
 * :func:`hf_load_format`: how an HF source's weights are read (fp8 with scales or plain).
 
-Reading the weights themselves is :mod:`ckpt_core.convert_sources`' (one group at a time).
+Reading the weights themselves is :mod:`ckpt_core.convert.sources`' (one group at a time).
 """
 
 from __future__ import annotations
@@ -61,9 +61,9 @@ def architecture(folder: str, kind: str, model_arg: str | None, manifest: dict |
 
     From ``--model`` (a family's flavor or an HF config path), else an HF
     source's ``config.json`` (its ``model_type``), else the manifest's ``model``
-    entry (the family's name and config); families are plugins (:mod:`ckpt_core.adapters`).
+    entry (the family's name and config); families are plugins (:mod:`ckpt_core.content.families`).
     """
-    from ckpt_core.adapters import family_for_hf_config, family_for_model, model_family
+    from ckpt_core.content.families import family_for_hf_config, family_for_model, model_family
     from ckpt_core.errors import CheckpointError
     from ckpt_core.storage.hf_config_file import read_hf_config
 
@@ -93,7 +93,7 @@ def architecture(folder: str, kind: str, model_arg: str | None, manifest: dict |
 
 def source_float_dtype(folder: str, kind: str) -> str | None:
     """The one floating dtype (16 bits or more) of the source's model tensors, if unique."""
-    from ckpt_core.transforms import dtype_name, is_castable
+    from ckpt_core.content.transforms import dtype_name, is_castable
 
     dtypes = set()
     if kind == "dcp":

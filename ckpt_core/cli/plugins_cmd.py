@@ -59,8 +59,8 @@ def _jsonable(value: Any) -> Any:
 
 def collect() -> list[dict[str, Any]]:
     """One record per discovered converter; import failures are recorded, not raised."""
-    from ckpt_core.discovery import discover_converters
     from ckpt_core.errors import PluginError
+    from ckpt_core.protocol.discovery import discover_converters
 
     records = []
     for name, entry in sorted(discover_converters().items()):
@@ -82,7 +82,7 @@ def collect() -> list[dict[str, Any]]:
 
 def collect_families() -> list[dict[str, Any]]:
     """One record per discovered model family; load failures are recorded, not raised."""
-    from ckpt_core.adapters import installed_families
+    from ckpt_core.content.families import installed_families
 
     records = []
     for entry, family, error in installed_families():
@@ -98,7 +98,7 @@ def collect_families() -> list[dict[str, Any]]:
             rec["model_types"] = list(family.model_types)
             rec["flavors"] = list(family.flavors)
             if family.fallback is not None:
-                from ckpt_core.adapters import fallback_text
+                from ckpt_core.content.families import fallback_text
 
                 rec["fallback"] = fallback_text(family)
         records.append(rec)

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         argv = list(extra)
         if args.config is not None:
             argv = ["--config", args.config, *argv]
-        from ckpt_core.preemption import parse_signals
+        from ckpt_core.policy.preemption import parse_signals
 
         return relaunch(
             args.nproc,
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     finally:
         shutdown_distributed()
     if summary.get("preempted") is not None:
-        from ckpt_core.preemption import PREEMPTED_EXIT
+        from ckpt_core.policy.preemption import PREEMPTED_EXIT
 
         return PREEMPTED_EXIT  # the step is saved: the same command resumes after it
     return 0

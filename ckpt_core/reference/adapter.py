@@ -13,8 +13,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ckpt_core.adapter import StateDictAdapter
 from ckpt_core.errors import CheckpointError
+from ckpt_core.protocol.state_dict_adapter import StateDictAdapter
 from ckpt_core.reference import hf_config
 from ckpt_core.reference.model import ModelArgs
 

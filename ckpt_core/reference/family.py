@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from ckpt_core.adapters import ModelFamily
+from ckpt_core.content.families import ModelFamily
 from ckpt_core.reference import (
     LlamaStateDictAdapter,
     args_from,

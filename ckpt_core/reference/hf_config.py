@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ckpt_core.content.hf_config_checks import SIZE_FIELDS, check_sizes
+from ckpt_core.content.hf_config_checks import damaged_config as _damaged
 from ckpt_core.errors import ConfigError
-from ckpt_core.hf_config_checks import SIZE_FIELDS, check_sizes
-from ckpt_core.hf_config_checks import damaged_config as _damaged
 from ckpt_core.reference.model import ModelArgs
 from ckpt_core.storage.hf_config_file import is_hf_path, read_hf_config
 

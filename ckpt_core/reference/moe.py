@@ -20,7 +20,7 @@ transformers does. Layers in ``mlp_only_layers``, or off the
 
 The stacked tensors are not ``nn.Linear``: LoRA and Float8 leave them (and the
 router) in high precision and say so (``ckpt plugins``); QAT fake-quantizes them
-through ``expert_weight_transforms`` (:mod:`ckpt_core.experts`). No auxiliary
+through ``expert_weight_transforms`` (:mod:`ckpt_core.content.experts`). No auxiliary
 load-balancing loss is added; HF's does not change the logits either.
 """
 
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ckpt_core.experts import expert_weight
+from ckpt_core.content.experts import expert_weight
 from ckpt_core.reference.model import FeedForward, ModelArgs, RMSNorm
 from ckpt_core.reference.qwen3 import Qwen3Args, Qwen3Attention, Qwen3Transformer
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ckpt_core.content.hf_config_checks import check_sizes, damaged_config
 from ckpt_core.errors import ConfigError
-from ckpt_core.hf_config_checks import check_sizes, damaged_config
 from ckpt_core.reference.hf_config import check_flags, common_fields, to_hf_config
 from ckpt_core.reference.moe import MoEArgs
 from ckpt_core.reference.qwen3 import Qwen3Args

@@ -1,7 +1,7 @@
 """Reading an HF ``config.json`` (a folder's, or a file given directly), bounded and checked.
 
 The same reader serves every model family: the family is chosen from the
-config's ``model_type`` (:func:`ckpt_core.adapters.family_for_hf_config`).
+config's ``model_type`` (:func:`ckpt_core.content.families.family_for_hf_config`).
 """
 
 from __future__ import annotations

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 
 from ckpt_core.errors import CheckpointError, DamagedCheckpointError, first_of
+from ckpt_core.export_spec import is_float8
 from ckpt_core.storage import layout
-from ckpt_core.transforms import is_float8
 
 logger = logging.getLogger(__name__)
 

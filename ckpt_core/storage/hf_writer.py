@@ -33,9 +33,9 @@ import torch
 
 from ckpt_core.dtensor_utils import full_tensor, with_local
 from ckpt_core.errors import ExportContentError
+from ckpt_core.export_spec import HFGroup, cast_dtype
 from ckpt_core.storage import layout
 from ckpt_core.storage.manifest import crc32_hex
-from ckpt_core.transforms import HFGroup, cast_dtype
 
 logger = logging.getLogger(__name__)
 

@@ -122,7 +122,7 @@ def build(
     """A manifest dict in the shared format."""
     import torch
 
-    from ckpt_core import __version__
+    from ckpt_core._version import __version__
 
     if kind not in ("checkpoint", "export"):
         raise ValueError(f"manifest kind must be 'checkpoint' or 'export', got {kind!r}.")

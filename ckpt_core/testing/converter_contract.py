@@ -11,7 +11,7 @@
    trainable tensor differ from its initial value; ``state_dict_transform`` then
    leaves its input and the model untouched and gives the same output twice;
 5. each state-dict adapter the converter returns round-trips the keys it owns;
-6. the HF export written by :func:`ckpt_core.exporter.write_export` (dtypes
+6. the HF export written by :func:`ckpt_core.policy.exporter.write_export` (dtypes
    kept) reads back through the adapters into the export view, bit for bit;
 7. a save through :class:`~ckpt_core.CheckpointManager` and a load into a fresh,
    differently seeded model restore the ``full`` view and the optimizer state bit
@@ -31,9 +31,9 @@ import torch
 from pydantic import BaseModel, ValidationError
 from torch import nn
 
-from ckpt_core.adapter import StateDictAdapter
 from ckpt_core.errors import CkptError, first_of
-from ckpt_core.plugins import Converters, split_list_options
+from ckpt_core.protocol.plugin_host import Converters, split_list_options
+from ckpt_core.protocol.state_dict_adapter import StateDictAdapter
 
 #: Rule id → what the rule demands. Every failure message starts with ``[<id>]``.
 RULES: dict[str, str] = {
@@ -89,7 +89,7 @@ def check_converter(
 
 def family_factory(spec: str) -> Callable[[], tuple[nn.Module, StateDictAdapter]]:
     """A factory building ``family:flavor`` (e.g. ``llama:tiny``) and its adapter."""
-    from ckpt_core.adapters import model_family
+    from ckpt_core.content.families import model_family
 
     family_name, _, flavor = spec.partition(":")
     family = model_family(family_name)
@@ -117,7 +117,7 @@ class _Subject:
     def __init__(self, name_or_class: str | type, options: Mapping[str, Any] | None) -> None:
         self.options = dict(options or {})
         if isinstance(name_or_class, str):
-            from ckpt_core.discovery import discover_converters
+            from ckpt_core.protocol.discovery import discover_converters
 
             entries = discover_converters()
             if name_or_class not in entries:
@@ -220,7 +220,7 @@ class _Run:
         return model, adapter if adapter is not None else SameNamesAdapter()
 
     def check(self) -> None:
-        from ckpt_core.model_wrapper import ModelWrapper
+        from ckpt_core.content.model_wrapper import ModelWrapper
 
         model, self.adapter = self.build_model(seed=0)
         before = set(ModelWrapper(model).state_dict("full"))
@@ -301,7 +301,7 @@ class _Run:
                     )
 
     def check_export(self, export: dict[str, Any]) -> None:
-        from ckpt_core.exporter import write_export
+        from ckpt_core.policy.exporter import write_export
 
         rule = "export-loads-back"
         path = os.path.join(self.tmp, "export", "step-1")
@@ -368,7 +368,7 @@ class _Run:
 
     def check_save_load(self) -> None:
         from ckpt_core.config import CheckpointConfig
-        from ckpt_core.manager import CheckpointManager
+        from ckpt_core.policy.manager import CheckpointManager
 
         rule = "save-load-bit-exact"
         config = CheckpointConfig(
@@ -410,7 +410,7 @@ class _Run:
             raise _fail(rule, self.who, f"the load failed: {exc}") from exc
         finally:
             fresh.close()
-        from ckpt_core.model_wrapper import ModelWrapper
+        from ckpt_core.content.model_wrapper import ModelWrapper
 
         differ = _differences(saved, ModelWrapper(model, converters=convs).state_dict("full"))
         if differ:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ckpt_core import model_layout
+from ckpt_core.content import model_layout
 from ckpt_core.errors import CheckpointError, ConfigError
 from ckpt_core.storage import layout
 from ckpt_core.torchtitan import architecture
@@ -35,7 +35,7 @@ FAMILY = "llama"
 
 def resolve_architecture(spec: str | None, *, what: str) -> tuple[Any, dict[str, Any]]:
     """``(llama family, config.json dict)`` from ``--model`` for a torchtitan conversion."""
-    from ckpt_core.adapters import family_for_model, model_family
+    from ckpt_core.content.families import family_for_model, model_family
 
     if spec is None:
         raise ConfigError(
@@ -92,9 +92,9 @@ def from_torchtitan_step(
     folder: str, target: str, *, to: str, model: str | None, dtype: str | None
 ) -> None:
     """Write ``folder`` (a torchtitan step) into ``target`` as a ckpt step (``dcp``) or HF."""
+    from ckpt_core.content.transforms import parse_dtype
     from ckpt_core.storage import manifest
     from ckpt_core.storage.dcp_entries import read_entries, write_entries
-    from ckpt_core.transforms import parse_dtype
 
     family, config = resolve_architecture(model, what=f"the torchtitan step {folder}")
     if manifest.read(folder) is not None:
@@ -118,7 +118,7 @@ def from_torchtitan_step(
     if to == "hf":
         _export_hf(native, family, config, adapter, target, dtype=dtype, step=step)
         return
-    from ckpt_core.exporter import tmp_path_for
+    from ckpt_core.policy.exporter import tmp_path_for
 
     tmp = tmp_path_for(target)
     layout.remove_tree(tmp)
@@ -140,9 +140,9 @@ def from_torchtitan_step(
 
 
 def _export_hf(native, family, config, adapter, target: str, *, dtype, step: int) -> None:
-    from ckpt_core.exporter import write_export
-    from ckpt_core.model_wrapper import ModelWrapper
-    from ckpt_core.plugins import Converters
+    from ckpt_core.content.model_wrapper import ModelWrapper
+    from ckpt_core.policy.exporter import write_export
+    from ckpt_core.protocol.plugin_host import Converters
 
     model = family.build_model(config)
     wrapper = ModelWrapper(model, converters=Converters([]))
@@ -157,7 +157,7 @@ def to_torchtitan_step(
     folder: str, target: str, *, recorded: dict[str, Any] | None, model: str | None
 ) -> None:
     """Write the ckpt step ``folder`` into ``target`` as a torchtitan 0.3 step folder."""
-    from ckpt_core.adapters import model_family
+    from ckpt_core.content.families import model_family
     from ckpt_core.storage.dcp_entries import read_entries, write_entries
 
     entry = (recorded or {}).get("model")
@@ -186,7 +186,7 @@ def to_torchtitan_step(
     entries = read_entries(folder)
     result = to_torchtitan(entries, Heads.from_hf_config(config), source=folder)
     _log_dropped(result, "convert --to torchtitan")
-    from ckpt_core.exporter import tmp_path_for
+    from ckpt_core.policy.exporter import tmp_path_for
 
     tmp = tmp_path_for(target)
     layout.remove_tree(tmp)

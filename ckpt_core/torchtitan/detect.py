@@ -1,7 +1,7 @@
 """Refusing rather than guessing: DCP folders whose layout nothing records.
 
 A DCP folder without ckpt's ``manifest.json`` says nothing about the rotary
-layout of its q/k weights (:mod:`ckpt_core.model_layout`). Two cases reach a
+layout of its q/k weights (:mod:`ckpt_core.content.model_layout`). Two cases reach a
 reader:
 
 * keys that look like torchtitan's (:func:`~ckpt_core.torchtitan.keys.torchtitan_evidence`):

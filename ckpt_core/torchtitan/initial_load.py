@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ckpt_core import model_layout
+from ckpt_core.content import model_layout
 from ckpt_core.errors import CheckpointError, ConfigError
 from ckpt_core.torchtitan.translate import (
     DATALOADER_WHY,
@@ -31,7 +31,7 @@ from ckpt_core.torchtitan.translate import (
 
 if TYPE_CHECKING:
     from ckpt_core.config import InitialLoadConfig
-    from ckpt_core.manager import CheckpointManager
+    from ckpt_core.policy.manager import CheckpointManager
 
 logger = logging.getLogger(__name__)
 

@@ -84,7 +84,7 @@ def model_family_for(name: str) -> tuple[Any, dict[str, Any]]:
     ``family:flavor`` (``qwen3:tiny``, ``moe:debug``) picks another family's; an
     HF folder or ``config.json`` goes to the family reading its ``model_type``.
     """
-    from ckpt_core.adapters import family_for_model, installed_families
+    from ckpt_core.content.families import family_for_model, installed_families
     from ckpt_core.reference import FLAVORS
     from ckpt_core.reference.hf_config import is_hf_path
 
@@ -110,7 +110,7 @@ def prepare(cfg: TrainConfig) -> TrainConfig:
 
     Returns a copy of ``cfg``; raises :class:`ConfigError` on bad input.
     """
-    from ckpt_core.plugins import Converters
+    from ckpt_core.protocol.plugin_host import Converters
 
     cfg = cfg.model_copy(deep=True)
     _, hf_folder = model_source(cfg)
@@ -187,8 +187,8 @@ def global_mean(value: torch.Tensor, world_size: int) -> float:
 
 def train(cfg: TrainConfig, dist_info: Dist) -> dict[str, Any]:
     """Run (or resume) training as ``cfg`` says; returns a small summary (rank 0's view)."""
-    from ckpt_core.manager import CheckpointManager
-    from ckpt_core.plugins import Converters
+    from ckpt_core.policy.manager import CheckpointManager
+    from ckpt_core.protocol.plugin_host import Converters
     from ckpt_core.trainer.data import SyntheticTokens
     from ckpt_core.trainer.metrics import MetricsWriter
     from ckpt_core.trainer.progress import Progress
@@ -323,7 +323,7 @@ def train(cfg: TrainConfig, dist_info: Dist) -> dict[str, Any]:
 
 def _save_on_preemption(manager: Any, handler: Any, step: int, dist_info: Dist) -> None:
     """Every rank: save ``step`` now (synchronously), then one line from rank 0."""
-    from ckpt_core.preemption import PREEMPTED_EXIT
+    from ckpt_core.policy.preemption import PREEMPTED_EXIT
 
     saved = manager.save_now(step)
     if not dist_info.is_main:

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from ckpt_core.converter import ConverterConfig
+from ckpt_core.plugin_api import ConverterConfig
 
 RECIPES = ("tensorwise", "rowwise")
 

@@ -1,7 +1,7 @@
 """Swapping ``nn.Linear`` modules for torchao's ``Float8Linear``.
 
 Which linears convert: every ``nn.Linear`` whose FQN contains none of
-``filter_fqns``, that is no MoE router (:func:`ckpt_core.experts.router_linears`:
+``filter_fqns``, that is no MoE router (:func:`ckpt_core.content.experts.router_linears`:
 routing stays high precision) and whose in/out features are both divisible by
 16 (float8 matmuls need that). Whatever is skipped is logged once, with the
 reason. Stacked MoE experts (3-D parameters) are not ``nn.Linear`` and stay
@@ -22,9 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from ckpt_core.errors import ConfigError, PluginError, first_of
-from ckpt_core.experts import router_linears
-from ckpt_core.model_wrapper import canonical_fqn
+from ckpt_core.plugin_api import ConfigError, PluginError, canonical_fqn, first_of, router_linears
 from ckpt_plugins_float8.config import Float8Config
 
 logger = logging.getLogger(__name__)

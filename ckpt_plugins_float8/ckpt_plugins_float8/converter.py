@@ -16,10 +16,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from ckpt_core.adapter import StateDictAdapter
-from ckpt_core.converter import Converter
-from ckpt_core.errors import PluginError
-from ckpt_core.hookspecs import hookimpl
+from ckpt_core.plugin_api import Converter, PluginError, StateDictAdapter, hookimpl
 from ckpt_plugins_float8 import conversion
 from ckpt_plugins_float8.config import Float8Config
 from ckpt_plugins_float8.fp8_export import Float8ExportAdapter, fp8_state_dict

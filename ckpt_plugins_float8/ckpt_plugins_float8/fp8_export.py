@@ -22,9 +22,7 @@ from typing import Any
 
 import torch
 
-from ckpt_core.adapter import StateDictAdapter
-from ckpt_core.errors import PluginError
-from ckpt_core.quantization_config import add_quantization_config
+from ckpt_core.plugin_api import PluginError, StateDictAdapter, add_quantization_config
 
 FP8_DTYPE = torch.float8_e4m3fn
 SCALE_SUFFIX = "_scale"

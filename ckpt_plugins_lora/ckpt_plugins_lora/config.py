@@ -6,8 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from ckpt_core.config import comma_list
-from ckpt_core.converter import ConverterConfig
+from ckpt_core.plugin_api import ConverterConfig, comma_list
 
 DEFAULT_TARGETS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
 

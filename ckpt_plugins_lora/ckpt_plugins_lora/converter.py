@@ -15,10 +15,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from ckpt_core.adapter import StateDictAdapter
-from ckpt_core.converter import Converter
-from ckpt_core.hookspecs import hookimpl
-from ckpt_core.model_wrapper import canonical_fqn
+from ckpt_core.plugin_api import Converter, StateDictAdapter, canonical_fqn, hookimpl
 from ckpt_plugins_lora.config import LoRAConfig
 from ckpt_plugins_lora.layers import (
     ADAPTER_CHILDREN,

@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ckpt_core.errors import ConfigError
-from ckpt_core.experts import stacked_leaf_names
+from ckpt_core.plugin_api import ConfigError, stacked_leaf_names
 
 #: Names of the adapter children of a target linear (also their state-dict segments).
 LORA_A = "lora_a"

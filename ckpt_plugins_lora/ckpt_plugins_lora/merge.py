@@ -15,8 +15,7 @@ from typing import Any
 
 import torch
 
-from ckpt_core.dtensor_utils import full_tensor, with_local
-from ckpt_core.errors import CheckpointError
+from ckpt_core.plugin_api import CheckpointError, full_tensor, with_local
 from ckpt_plugins_lora.layers import LORA_A, LORA_B
 
 

@@ -18,8 +18,14 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from ckpt_core.adapter import StateDictAdapter
-from ckpt_core.errors import CheckpointError, DamagedCheckpointError
+from ckpt_core.plugin_api import (
+    CheckpointError,
+    DamagedCheckpointError,
+    StateDictAdapter,
+    path_exists,
+    path_join,
+    read_json_object,
+)
 from ckpt_plugins_lora.layers import LORA_A, LORA_B
 
 PEFT_PREFIX = "base_model.model."
@@ -169,12 +175,10 @@ class PeftLoraAdapter(StateDictAdapter):
         :class:`DamagedCheckpointError`. The weights go through the HF reader's
         own checks (:mod:`ckpt_core.storage.hf_reader`).
         """
-        from ckpt_core.storage import hf_reader, layout
-
-        path = layout.join(folder, ADAPTER_CONFIG)
-        if not layout.exists(path):
+        path = path_join(folder, ADAPTER_CONFIG)
+        if not path_exists(path):
             return  # bare safetensors: nothing to compare against
-        source = hf_reader.read_json_object(folder, ADAPTER_CONFIG)
+        source = read_json_object(folder, ADAPTER_CONFIG)
         for field, option, ours in (("r", "rank", self.rank), ("lora_alpha", "alpha", self.alpha)):
             theirs = source.get(field)
             if theirs is None:

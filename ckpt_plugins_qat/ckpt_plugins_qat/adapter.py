@@ -12,8 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ckpt_core.adapter import StateDictAdapter
-from ckpt_core.quantization_config import add_quantization_config
+from ckpt_core.plugin_api import StateDictAdapter, add_quantization_config
 from ckpt_plugins_qat.schemes import Scheme
 
 #: The HF name of the output projection, never quantized.

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from ckpt_core.converter import ConverterConfig
+from ckpt_core.plugin_api import ConverterConfig
 
 DEFAULT_TARGETS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
 #: Leaf names that must stay unquantized (the output projection / ``lm_head``).

@@ -16,17 +16,17 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from ckpt_core.adapter import StateDictAdapter
-from ckpt_core.converter import Converter
-from ckpt_core.errors import ConfigError
-from ckpt_core.experts import (
+from ckpt_core.plugin_api import (
     WEIGHT_TRANSFORMS,
+    ConfigError,
+    Converter,
+    StateDictAdapter,
+    canonical_fqn,
+    hookimpl,
     router_linears,
     stacked_leaf_names,
     transformable_experts,
 )
-from ckpt_core.hookspecs import hookimpl
-from ckpt_core.model_wrapper import canonical_fqn
 from ckpt_plugins_qat.adapter import QATStateDictAdapter
 from ckpt_plugins_qat.config import QATConfig
 from ckpt_plugins_qat.experts import StackedFakeQuantizer, supports_experts

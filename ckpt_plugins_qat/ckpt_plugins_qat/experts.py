@@ -4,7 +4,7 @@ A stacked weight ``[E, out, in]`` (``moe.experts.w1``) is fake-quantized by
 torchao's ``IntxFakeQuantizer`` over ``[E * out, in]``: scales group inputs
 within one row, so every expert gets exactly the scales and integers it would
 get as a linear of its own. The model applies it through its
-:data:`ckpt_core.experts.WEIGHT_TRANSFORMS` hook (parameters and names stay);
+:data:`ckpt_core.content.experts.WEIGHT_TRANSFORMS` hook (parameters and names stay);
 the export quantizes expert by expert into the same compressed-tensors entries
 as a linear, named ``<stacked key>.<e>.weight_packed`` etc., which the model's
 adapter turns into HF per-expert names (``mlp.experts.<e>.gate_proj.weight_packed``).

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ckpt_core.dtensor_utils import full_tensor
+from ckpt_core.plugin_api import full_tensor
 from ckpt_plugins_qat.experts import stacked_target_keys
 from ckpt_plugins_qat.quantize import pack_int32, quantize_weight
 from ckpt_plugins_qat.schemes import Scheme

@@ -87,7 +87,7 @@ def files_of(page: Path) -> dict[str, str]:
 
 _TINY_LLAMA = '''
 import torch
-from ckpt_core.adapters import model_family
+from ckpt_core.content.families import model_family
 
 _family = model_family("llama")
 _config = _family.config_for("tiny")

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ckpt_core import CheckpointConfig
-from ckpt_core.manager import CheckpointManager
+from ckpt_core.policy.manager import CheckpointManager
 
 
 class TinyNet(nn.Module):

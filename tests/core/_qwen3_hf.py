@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from ckpt_core import ModelWrapper
-from ckpt_core.adapters import model_family
-from ckpt_core.exporter import load_hf, write_export
+from ckpt_core.content.families import model_family
+from ckpt_core.policy.exporter import load_hf, write_export
 
 SIZES = dict(
     hidden_size=64,

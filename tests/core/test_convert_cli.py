@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from ckpt_core import ModelWrapper
 from ckpt_core.cli.main import main
-from ckpt_core.exporter import write_export
+from ckpt_core.policy.exporter import write_export
 from ckpt_core.reference import LlamaStateDictAdapter, ModelArgs, build_model
 from ckpt_core.storage import manifest
 from tests.core._dist import run_on_ranks
@@ -195,7 +195,7 @@ def test_two_rank_export_equals_one_rank_offline_convert_of_the_same_checkpoint(
 
 @pytest.fixture
 def codes_converter():
-    from ckpt_core.discovery import register_converter_class, unregister_converter_class
+    from ckpt_core.protocol.discovery import register_converter_class, unregister_converter_class
     from tests.core._export_converters import IntCodesConverter, SidecarConverter
 
     register_converter_class(IntCodesConverter)
@@ -337,7 +337,7 @@ def test_a_registered_model_family_is_picked_from_config_json_and_the_manifest(
 ):
     import json
 
-    from ckpt_core import adapters
+    from ckpt_core.content import families as adapters
 
     monkeypatch.setattr(adapters, "_manual", {})  # forget it after the test
 

@@ -117,13 +117,13 @@ def test_dcp_to_dcp_casts_and_applies_the_recorded_converters_like_dcp_to_hf(tmp
 
 
 def test_the_hf_family_is_the_fallback_for_causal_lm_types_no_family_lists(capsys):
-    from ckpt_core.adapters import family_for_hf_config
+    from ckpt_core.content.families import family_for_hf_config
 
     assert family_for_hf_config({"model_type": "gpt_neox"}).name == "hf"
     assert family_for_hf_config({"model_type": "llama"}).name == "llama"
     assert main(["plugins"]) == 0
     listing = capsys.readouterr().out
-    assert "ckpt_core.hf_native_family:hf_family" in listing
+    assert "ckpt_core.content.hf_native_family:hf_family" in listing
     assert "and, when no family lists it: any causal LM model_type transformers knows" in listing
 
 
@@ -276,9 +276,9 @@ def test_peak_memory_of_a_convert_is_about_one_tensor_not_the_model(tmp_path):
 
 def test_groups_keep_factors_with_their_weight_and_a_fused_adapter_must_name_its_group():
     from ckpt_core import StateDictAdapter
-    from ckpt_core.convert_plan import GroupConverter, group_keys, plan
+    from ckpt_core.content.transforms import StateDictTransforms
+    from ckpt_core.convert.plan import GroupConverter, group_keys, plan
     from ckpt_core.errors import CheckpointError
-    from ckpt_core.transforms import StateDictTransforms
 
     keys = [
         "embed.weight",

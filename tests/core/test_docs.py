@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from ckpt_core import hookspecs
+from ckpt_core.protocol import hookspecs
 from tests.conftest import REPO_ROOT
 from tests.core import _doc_snippets as snippets
 
@@ -18,7 +18,7 @@ DOCS = REPO_ROOT / "docs"
 
 
 def declared_hooks() -> set[str]:
-    """Every function of ckpt_core.hookspecs that carries the ``@hookspec`` marker."""
+    """Every function of ckpt_core.protocol.hookspecs that carries the ``@hookspec`` marker."""
     marker = f"{hookspecs.PROJECT_NAME}_spec"
     return {n for n, f in vars(hookspecs).items() if callable(f) and hasattr(f, marker)}
 

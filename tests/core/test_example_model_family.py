@@ -19,10 +19,10 @@ CHECK = textwrap.dedent(
     import torch
     import torch.nn.functional as F
     from ckpt_core import CheckpointConfig
-    from ckpt_core.adapters import model_family
+    from ckpt_core.content.families import model_family
     from ckpt_core.cli.main import main
     from ckpt_core.cli.plugins_cmd import collect_families
-    from ckpt_core.manager import CheckpointManager
+    from ckpt_core.policy.manager import CheckpointManager
 
     ckpts, hf, dcp, again = sys.argv[1:5]
     family = model_family("gpt2")

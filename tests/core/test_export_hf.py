@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from ckpt_core import CheckpointError, Converters, ModelWrapper
-from ckpt_core.exporter import load_additional, write_export
+from ckpt_core.policy.exporter import load_additional, write_export
 from ckpt_core.reference import LlamaStateDictAdapter, ModelArgs, build_model
 from ckpt_core.storage import manifest
 from tests.core._export_converters import IntCodesConverter, SidecarConverter
@@ -274,8 +274,8 @@ def test_an_export_leaves_the_model_state_bit_identical(tmp_path):
 def test_writer_streams_odd_sized_tensors_through_a_small_buffer(tmp_path, monkeypatch, direct):
     import zlib
 
+    from ckpt_core.content.transforms import HFGroup
     from ckpt_core.storage.hf_writer import write_hf_folder
-    from ckpt_core.transforms import HFGroup
 
     monkeypatch.setenv("CKPT_HF_DIRECT_IO", direct)
     tensors = {

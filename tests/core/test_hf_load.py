@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from ckpt_core import ModelWrapper
 from ckpt_core.errors import CheckpointError
-from ckpt_core.exporter import load_hf
+from ckpt_core.policy.exporter import load_hf
 from ckpt_core.reference import LlamaStateDictAdapter, build_model, from_pretrained
 from ckpt_core.storage.hf_reader import dequantize_region, index_folder
 from tests.core._dist import run_on_ranks

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from ckpt_core import ModelWrapper
 from ckpt_core.errors import CheckpointError, ConfigError, DamagedCheckpointError
-from ckpt_core.exporter import load_additional, load_hf
+from ckpt_core.policy.exporter import load_additional, load_hf
 from ckpt_core.reference import LlamaStateDictAdapter, build_model, from_pretrained
 from ckpt_core.storage.hf_reader import INDEX_NAME, index_folder, read_into
 from tests.core.hf_helpers import save_hf_llama

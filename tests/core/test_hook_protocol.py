@@ -9,7 +9,12 @@ import pluggy
 import pytest
 
 from ckpt_core import Converter, Converters, PluginError, hookimpl
-from ckpt_core.hookspecs import HOOK_PROTOCOL_VERSION, OLDEST_HOOK_PROTOCOL, PROJECT_NAME, hookspec
+from ckpt_core.protocol.hookspecs import (
+    HOOK_PROTOCOL_VERSION,
+    OLDEST_HOOK_PROTOCOL,
+    PROJECT_NAME,
+    hookspec,
+)
 
 
 class Plain(Converter):
@@ -34,8 +39,9 @@ def test_a_converter_written_for_a_newer_protocol_is_refused_naming_the_upgrade(
 
 
 def test_a_converter_written_for_a_protocol_no_longer_run_is_refused(monkeypatch):
-    monkeypatch.setattr("ckpt_core.hookspecs.OLDEST_HOOK_PROTOCOL", OLDEST_HOOK_PROTOCOL + 1)
-    monkeypatch.setattr("ckpt_core.hookspecs.HOOK_PROTOCOL_VERSION", OLDEST_HOOK_PROTOCOL + 1)
+    spec = "ckpt_core.protocol.hookspecs"
+    monkeypatch.setattr(f"{spec}.OLDEST_HOOK_PROTOCOL", OLDEST_HOOK_PROTOCOL + 1)
+    monkeypatch.setattr(f"{spec}.HOOK_PROTOCOL_VERSION", OLDEST_HOOK_PROTOCOL + 1)
     with pytest.raises(PluginError, match="no longer runs .*upgrade the plugin"):
         Converters([Plain()])
 

@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.metadata import (
 
 from ckpt_core import CheckpointConfig, CheckpointError
 from ckpt_core.cli.main import main
-from ckpt_core.manager import CheckpointManager
+from ckpt_core.policy.manager import CheckpointManager
 from ckpt_core.storage import manifest
 from ckpt_core.storage.metadata_checks import check_metadata
 from ckpt_core.storage.safe_metadata import read_metadata, safe_load
@@ -403,7 +403,7 @@ def test_convert_refuses_a_fifo_without_blocking(tmp_path, llama_dcp, capsys):
 
 def _base_with_payload(step: str, key: str, tmp_path) -> str:
     """Make ``step`` owned-only: its manifest names a copy of it, with a payload, as base."""
-    from ckpt_core.owned_only import base_checksum
+    from ckpt_core.content.owned_only import base_checksum
 
     base = str(tmp_path / "base")
     shutil.copytree(step, base)

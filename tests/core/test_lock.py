@@ -14,7 +14,7 @@ import torch
 
 from ckpt_core import CheckpointConfig
 from ckpt_core.errors import FolderLockedError
-from ckpt_core.manager import CheckpointManager
+from ckpt_core.policy.manager import CheckpointManager
 from ckpt_core.storage import layout, lock
 from tests.core._dist import run_on_ranks
 from tests.core._manager_models import TinyNet, Trainable

@@ -8,10 +8,10 @@ import threading
 import pytest
 import torch
 
-from ckpt_core import async_save
-from ckpt_core.async_save import BufferStager
-from ckpt_core.manager import dcp as manager_dcp
+from ckpt_core.policy.manager import dcp as manager_dcp
+from ckpt_core.storage import async_writer as async_save
 from ckpt_core.storage import layout
+from ckpt_core.storage.async_writer import BufferStager
 from tests.core._manager_models import Trainable, assert_same, snapshot
 
 
@@ -85,7 +85,7 @@ def test_pinned_memory_mode_without_cuda_says_so_once_and_saves(tmp_path, caplog
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: pinned staging really runs")
     monkeypatch.setattr(async_save, "_warned_no_cuda", False)
-    with caplog.at_level(logging.WARNING, logger="ckpt_core.async_save"):
+    with caplog.at_level(logging.WARNING, logger="ckpt_core.storage.async_writer"):
         a = Trainable(folder=str(tmp_path / "a"), interval=1, async_mode="async_with_pinned_mem")
         b = Trainable(folder=str(tmp_path / "b"), interval=1, async_mode="async_with_pinned_mem")
     assert sum("needs CUDA" in r.getMessage() for r in caplog.records) == 1

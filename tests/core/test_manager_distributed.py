@@ -46,7 +46,7 @@ def _sharded(seed: int):
 
 def _train_and_save(rank: int, world_size: int, folder: str) -> dict:
     from ckpt_core import CheckpointConfig
-    from ckpt_core.manager import CheckpointManager
+    from ckpt_core.policy.manager import CheckpointManager
 
     model, optim = _sharded(seed=0)
     config = CheckpointConfig(folder=folder, interval=2, keep_latest_k=2, async_mode="async")
@@ -68,7 +68,7 @@ def _train_and_save(rank: int, world_size: int, folder: str) -> dict:
 
 def _load_on_two(rank: int, world_size: int, folder: str, step: int) -> dict:
     from ckpt_core import CheckpointConfig
-    from ckpt_core.manager import CheckpointManager
+    from ckpt_core.policy.manager import CheckpointManager
 
     model, optim = _sharded(seed=1)
     manager = CheckpointManager(CheckpointConfig(folder=folder), model, optimizers=optim)
@@ -113,7 +113,7 @@ def test_resume_on_one_rank_after_saving_on_two_is_bit_identical(saved_on_two_ra
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     from ckpt_core import CheckpointConfig
-    from ckpt_core.manager import CheckpointManager
+    from ckpt_core.policy.manager import CheckpointManager
 
     folder, results = saved_on_two_ranks
     for step in (4, 6):  # 4 was written asynchronously while training went on

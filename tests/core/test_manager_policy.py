@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ckpt_core import CheckpointConfig, CheckpointError, ConfigError
-from ckpt_core.manager import CheckpointManager
+from ckpt_core.policy.manager import CheckpointManager
 from ckpt_core.storage import layout
 from tests.core._manager_models import TinyNet, Trainable, assert_same, snapshot
 
@@ -117,11 +117,11 @@ def test_resuming_an_older_step_warns_about_the_newer_ones_it_will_not_overwrite
     run = Trainable(folder=str(tmp_path), interval=1)
     for step in (1, 2, 3):
         run.manager.save(step)
-    with caplog.at_level("WARNING", logger="ckpt_core.loading"):
+    with caplog.at_level("WARNING", logger="ckpt_core.policy.load_policy"):
         Trainable(folder=str(tmp_path), load_step=1).manager.load()
     assert "newer steps [2, 3]" in caplog.text and "load_step = -1 would pick step 3" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="ckpt_core.loading"):
+    with caplog.at_level("WARNING", logger="ckpt_core.policy.load_policy"):
         Trainable(folder=str(tmp_path)).manager.load()
     assert "newer steps" not in caplog.text
 

@@ -11,8 +11,9 @@ import sys
 
 import pytest
 
-from ckpt_core import adapters
-from ckpt_core.adapters import (
+from ckpt_core.cli.main import main
+from ckpt_core.content import families as adapters
+from ckpt_core.content.families import (
     FAMILY_ENTRY_POINT_GROUP,
     ModelFamily,
     discover_model_families,
@@ -21,14 +22,13 @@ from ckpt_core.adapters import (
     model_family,
     register_model_family,
 )
-from ckpt_core.cli.main import main
 from ckpt_core.errors import ConfigError, PluginError
 from tests.conftest import REPO_ROOT
 from tests.core.hf_helpers import save_hf_llama
 
 # A family whose builders are never called by these tests: the module only has to load.
 FAMILY_SOURCE = """
-from ckpt_core.adapters import ModelFamily
+from ckpt_core.content.families import ModelFamily
 
 def _unused(*args, **kwargs):
     raise AssertionError("not called")
@@ -76,7 +76,7 @@ def _one_line(exc: BaseException) -> str:
 def test_the_reference_llama_is_found_through_its_entry_point_without_importing_it():
     code = (
         "import sys, json\n"
-        "from ckpt_core.adapters import discover_model_families, family_for_hf_config\n"
+        "from ckpt_core.content.families import discover_model_families, family_for_hf_config\n"
         "entry = discover_model_families()['llama']\n"
         "listed_only = 'ckpt_core.reference' not in sys.modules\n"
         "family = family_for_hf_config({'model_type': 'llama'})\n"
@@ -158,7 +158,7 @@ def test_a_broken_family_gets_its_own_line_and_fails_only_runs_that_need_it(fami
 
 
 MALFORMED = {
-    "not-a-family": ("FAMILY = 42", "must name a ckpt_core.adapters.ModelFamily"),
+    "not-a-family": ("FAMILY = 42", "must name a ckpt_core.content.families.ModelFamily"),
     "wrong-name": (_family_module("other", "t"), "ModelFamily.name is 'other'"),
     "list-types": (
         _family_module("fam", "t").replace("model_types=('t', )", "model_types=['t']"),

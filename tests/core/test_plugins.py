@@ -1,4 +1,4 @@
-"""Discovery, validation and composition of converters (ckpt_core.plugins)."""
+"""Discovery, validation and composition of converters (ckpt_core.protocol.plugin_host)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ckpt_core import ConfigError, Converter, Converters, PluginError, hookimpl
-from ckpt_core.discovery import discover_converters
+from ckpt_core.protocol.discovery import discover_converters
 
 GOOD = """
 from typing import ClassVar
@@ -243,7 +243,7 @@ def test_without_the_trace_env_hook_calls_are_not_logged(monkeypatch, caplog):
 
 
 def test_with_autoload_off_a_class_registered_by_hand_is_found_by_name(monkeypatch):
-    from ckpt_core.discovery import register_converter_class, unregister_converter_class
+    from ckpt_core.protocol.discovery import register_converter_class, unregister_converter_class
 
     class Manual(Converter):
         name = "manual"

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from ckpt_core import CheckpointConfig
-from ckpt_core.preemption import (
+from ckpt_core.policy.preemption import (
     DUPLICATE_WINDOW_S,
     PREEMPTED_EXIT,
     PreemptionHandler,
@@ -66,7 +66,7 @@ def test_the_first_signal_only_sets_a_flag_and_uninstall_restores_the_old_handle
 _SECOND_SIGNAL = textwrap.dedent(
     """
     import os, signal, sys, time
-    from ckpt_core.preemption import PreemptionHandler
+    from ckpt_core.policy.preemption import PreemptionHandler
     handler = PreemptionHandler([signal.SIGUSR1])
     handler.install()
     os.kill(os.getpid(), signal.SIGUSR1)

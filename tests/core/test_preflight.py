@@ -20,8 +20,8 @@ import pytest
 
 from ckpt_core import CheckpointConfig
 from ckpt_core.errors import CheckpointError, PreflightError, SaveError
-from ckpt_core.manager import CheckpointManager
-from ckpt_core.preflight import check_space, probe
+from ckpt_core.policy.manager import CheckpointManager
+from ckpt_core.policy.preflight import check_space, probe
 from ckpt_core.storage import layout, manifest
 from tests.core._manager_models import TinyNet, Trainable
 
@@ -128,7 +128,7 @@ def test_too_little_free_space_names_the_folder_and_the_bytes_needed_and_free(sm
 @pytest.mark.parametrize("mode", ["warn", "off"])
 def test_the_space_check_can_warn_or_be_off(small_fs, mode, caplog):
     run = Trainable(dim=DIM, folder=small_fs("1m"), preflight=mode)
-    with caplog.at_level(logging.WARNING, logger="ckpt_core.preflight"):
+    with caplog.at_level(logging.WARNING, logger="ckpt_core.policy.preflight"):
         run.manager.acquire()
         run.manager.preflight()
     warned = [r.getMessage() for r in caplog.records if "needs about" in r.getMessage()]
@@ -180,7 +180,7 @@ def test_retry_logs_one_warning_and_saves_at_the_next_interval_but_not_at_the_en
     run.manager.save(1)
     filler = fill(folder)
     run.step()
-    with caplog.at_level(logging.WARNING, logger="ckpt_core.save_errors"):
+    with caplog.at_level(logging.WARNING, logger="ckpt_core.policy.save_errors"):
         assert run.manager.save(2) is False
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "ENOSPC" in warnings[0] and "Retrying" in warnings[0]
@@ -223,7 +223,7 @@ def test_a_background_failure_with_retry_lets_the_next_save_go_on(small_fs, capl
     run.manager._async._future.exception()  # wait for it to fail
     os.unlink(filler)
     run.step()
-    with caplog.at_level(logging.WARNING, logger="ckpt_core.save_errors"):
+    with caplog.at_level(logging.WARNING, logger="ckpt_core.policy.save_errors"):
         assert run.manager.save(3)  # reports step 2's failure, then saves step 3
     assert [r.getMessage() for r in caplog.records if "saving step 2" in r.getMessage()]
     run.manager.close()

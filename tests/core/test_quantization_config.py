@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from ckpt_core.content.quantization_config import (
+    add_quantization_config,
+    complete_quantization_config,
+)
 from ckpt_core.errors import PluginError
-from ckpt_core.quantization_config import add_quantization_config, complete_quantization_config
 
 LINEARS = ["m.0.q_proj", "m.0.k_proj", "m.0.down_proj", "m.1.q_proj", "m.1.k_proj"]
 

@@ -9,10 +9,10 @@ import torch
 from safetensors import safe_open
 
 from ckpt_core import ModelWrapper
-from ckpt_core.adapters import family_for_model, model_family
+from ckpt_core.content.experts import router_linears, stacked_leaf_names
+from ckpt_core.content.families import family_for_model, model_family
 from ckpt_core.errors import CheckpointError, DamagedCheckpointError
-from ckpt_core.experts import router_linears, stacked_leaf_names
-from ckpt_core.exporter import load_hf
+from ckpt_core.policy.exporter import load_hf
 from ckpt_core.reference.moe import MOE_FLAVORS
 from ckpt_core.reference.qwen3_adapter import MoEStateDictAdapter
 from ckpt_core.reference.qwen3_config import moe_to_hf_config

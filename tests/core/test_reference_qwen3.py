@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from ckpt_core.adapters import family_for_hf_config, family_for_model, model_family
+from ckpt_core.content.families import family_for_hf_config, family_for_model, model_family
 from ckpt_core.errors import ConfigError, DamagedCheckpointError
 from ckpt_core.reference.qwen3 import QWEN3_FLAVORS
 from ckpt_core.reference.qwen3_adapter import Qwen3StateDictAdapter

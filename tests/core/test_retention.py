@@ -101,7 +101,7 @@ def test_a_resume_holds_its_step_against_purge_while_it_reads(tmp_path, monkeypa
     folder = str(tmp_path)
     _saves(folder, range(1, 4)).manager.close()
     reader = Trainable(folder=folder, load_step=1)
-    from ckpt_core import loading
+    from ckpt_core.policy import load_policy as loading
 
     real_resume = loading._resume
     results = []

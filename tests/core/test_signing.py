@@ -15,8 +15,8 @@ import torch
 from ckpt_core import CheckpointConfig, CheckpointError, ModelWrapper
 from ckpt_core.cli.main import main
 from ckpt_core.errors import ConfigError
-from ckpt_core.exporter import write_export
-from ckpt_core.manager import CheckpointManager
+from ckpt_core.policy.exporter import write_export
+from ckpt_core.policy.manager import CheckpointManager
 from ckpt_core.reference import LlamaStateDictAdapter, ModelArgs, build_model
 from ckpt_core.storage import manifest, signing
 from tests.conftest import REPO_ROOT

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from ckpt_core import Converters, ModelWrapper
+from ckpt_core.content.transforms import StateDictTransforms, cast_state_dict, parse_dtype
 from ckpt_core.errors import ConfigError
 from ckpt_core.reference import LlamaStateDictAdapter, build_model
-from ckpt_core.transforms import StateDictTransforms, cast_state_dict, parse_dtype
 from tests.core._export_converters import IntCodesConverter, SidecarConverter
 
 

@@ -9,7 +9,7 @@ import torch
 from ckpt_core import CheckpointError, CkptError, ConfigError, Converters, ModelWrapper
 from ckpt_core.cli import failures
 from ckpt_core.errors import DestinationExistsError, NotEnabledError
-from ckpt_core.exporter import write_export
+from ckpt_core.policy.exporter import write_export
 from ckpt_core.storage import layout
 from ckpt_core.testing.converter_contract import SameNamesAdapter
 

@@ -63,7 +63,7 @@ def plugin_missing(names: list[str]) -> str | None:
 
     import pytest
 
-    from ckpt_core.hookspecs import ENTRY_POINT_GROUP
+    from ckpt_core.protocol.hookspecs import ENTRY_POINT_GROUP
 
     # Entry points directly: the workers discover them even if this process has
     # CKPT_DISABLE_PLUGIN_AUTOLOAD set.

@@ -43,7 +43,7 @@ def test_a_second_run_exits_2_before_step_1_and_a_killed_holder_does_not_block_a
         message = assert_one_clear_error(second, f"pid {first.pid} on ", "is in use by another run")
         assert "checkpoint.folder" in message or "metrics.path" in message
         # Refused before it loaded anything (the loader and the trainer log nothing) ...
-        assert "ckpt_core.loading" not in second.stderr
+        assert "ckpt_core.policy.load_policy" not in second.stderr
         assert "parameters" not in second.stderr
         # ... so the metrics hold the first run's lines only, each step once.
         # The same on two ranks: both refuse together and the launcher exits 2.

@@ -92,7 +92,7 @@ def test_manifest_records_the_hf_adapter_and_the_model_config(trained):
 
 def test_compiled_model_gets_the_adapter_and_canonical_names(tmp_path):
     from ckpt_core import CheckpointManager
-    from ckpt_core.hf_native import HFNativeAdapter
+    from ckpt_core.content.hf_native import HFNativeAdapter
 
     model = f.build("gemma3")
     compiled = torch.compile(model)  # compiled lazily: nothing here runs the compiler
@@ -109,8 +109,8 @@ def test_compiled_model_gets_the_adapter_and_canonical_names(tmp_path):
 
 def test_explicit_adapter_from_model_and_a_plain_module_refused():
     from ckpt_core import HFNativeAdapter
+    from ckpt_core.content.hf_native import adapter_for
     from ckpt_core.errors import ConfigError
-    from ckpt_core.hf_native import adapter_for
 
     adapter = HFNativeAdapter.from_model(f.build("llama"))
     assert adapter.tied == {} and adapter.update_hf_config({"dtype": "bfloat16"})["dtype"] == (

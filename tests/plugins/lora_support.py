@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ckpt_core.adapter import StateDictAdapter
+from ckpt_core.protocol.state_dict_adapter import StateDictAdapter
 
 DIM, HIDDEN, KV, VOCAB = 32, 48, 16, 64
 

@@ -11,7 +11,7 @@ import re
 import pytest
 from torch import nn
 
-from ckpt_core.discovery import discover_converters
+from ckpt_core.protocol.discovery import discover_converters
 from ckpt_core.testing import RULES, check_converter
 from tests.plugins._broken_converters import BROKEN, Averaging
 

@@ -14,7 +14,7 @@ from ckpt_plugins_float8.fp8_export import (
 from safetensors import safe_open
 
 from ckpt_core import Converters, ModelWrapper
-from ckpt_core.exporter import write_export
+from ckpt_core.policy.exporter import write_export
 from ckpt_core.reference import adapter_for, build_model
 from ckpt_plugins_float8 import Float8Converter
 
@@ -265,7 +265,7 @@ def test_fp8_export_quantizes_the_lora_merged_weight_when_lora_wraps_float8():
 
 def test_fp8_export_read_as_plain_hf_is_refused_instead_of_loading_raw_float8(tmp_path):
     from ckpt_core.errors import CheckpointError
-    from ckpt_core.exporter import load_hf
+    from ckpt_core.policy.exporter import load_hf
 
     model, convs, _ = trained("tensorwise", steps=1)
     out = export_hf(model, convs, tmp_path, "float32")
@@ -276,7 +276,7 @@ def test_fp8_export_read_as_plain_hf_is_refused_instead_of_loading_raw_float8(tm
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
 def test_fp8_export_starts_a_run_as_hf_quantized_with_dequantized_weights(recipe, tmp_path):
-    from ckpt_core.exporter import load_hf
+    from ckpt_core.policy.exporter import load_hf
 
     model, convs, _ = trained(recipe, steps=1)
     out = export_hf(model, convs, tmp_path, "float32")

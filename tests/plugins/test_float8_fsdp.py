@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ckpt_core import CheckpointConfig, CheckpointManager, Converters, ModelWrapper
-from ckpt_core.exporter import write_export
-from ckpt_core.model_wrapper import unwrap_tensor
+from ckpt_core.content.model_wrapper import unwrap_tensor
+from ckpt_core.policy.exporter import write_export
 from ckpt_core.reference import adapter_for, build_model
 from ckpt_plugins_float8 import Float8Converter
 

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from ckpt_core import Converters, ModelWrapper
-from ckpt_core.converter import Converter
 from ckpt_core.errors import ConfigError
+from ckpt_core.protocol.converter import Converter
 from ckpt_plugins_lora import LoRAConfig, LoRAConverter
 from tests.plugins.lora_support import DIM, VOCAB, TinyLlama, randomize_adapters, tokens
 

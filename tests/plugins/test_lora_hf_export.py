@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ckpt_core import CheckpointError, Converters, ModelWrapper
-from ckpt_core.exporter import load_additional, write_export
+from ckpt_core.policy.exporter import load_additional, write_export
 from ckpt_core.reference import LlamaStateDictAdapter, from_pretrained
 from ckpt_plugins_lora import LoRAConfig, LoRAConverter
 from tests.plugins.lora_support import save_tiny_hf_llama

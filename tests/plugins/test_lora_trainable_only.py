@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from ckpt_core import CheckpointConfig, Converters, ModelWrapper
 from ckpt_core.config import ExportConfig, InitialLoadConfig
 from ckpt_core.errors import CheckpointError, ConfigError
-from ckpt_core.manager import CheckpointManager
+from ckpt_core.policy.manager import CheckpointManager
 from ckpt_core.reference import LlamaStateDictAdapter, build_model
 from ckpt_core.storage import layout
 from ckpt_core.storage.safe_metadata import read_metadata
@@ -157,7 +157,7 @@ def test_trainable_only_without_an_initial_load_is_a_config_error(tmp_path):
 
 @pytest.mark.parametrize("trainable_only", [False, True], ids=["full", "trainable_only"])
 def test_lora_run_starts_from_a_plain_dcp_base(hf_base, tmp_path, trainable_only):
-    from ckpt_core.exporter import write_export
+    from ckpt_core.policy.exporter import write_export
     from ckpt_core.reference import from_pretrained
 
     plain = from_pretrained(hf_base)

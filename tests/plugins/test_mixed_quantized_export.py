@@ -10,7 +10,7 @@ import torch
 
 from ckpt_core import Converters, ModelWrapper
 from ckpt_core.errors import PluginError
-from ckpt_core.exporter import write_export
+from ckpt_core.policy.exporter import write_export
 from ckpt_core.reference import build_model
 from ckpt_core.reference.adapter import LlamaStateDictAdapter
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from ckpt_core import Converters, ModelWrapper
-from ckpt_core.adapters import model_family
+from ckpt_core.content.families import model_family
 from ckpt_core.errors import ConfigError
-from ckpt_core.exporter import write_export
+from ckpt_core.policy.exporter import write_export
 from tests.core._qwen3_hf import native_from_hf_folder
 from tests.plugins.lora_support import randomize_adapters
 

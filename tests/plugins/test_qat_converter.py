@@ -108,7 +108,7 @@ def test_unknown_target_lists_the_model_linears():
 def test_invalid_options_are_config_errors_naming_the_option(options, fragment):
     from pydantic import ValidationError
 
-    from ckpt_core.plugins import format_validation_error
+    from ckpt_core.protocol.plugin_host import format_validation_error
 
     with pytest.raises(ValidationError) as err:
         QATConverter.Config(**options)

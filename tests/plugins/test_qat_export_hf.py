@@ -22,7 +22,7 @@ from ckpt_plugins_qat import QATConverter
 
 pytest.importorskip("compressed_tensors")
 transformers = pytest.importorskip("transformers")
-write_export = pytest.importorskip("ckpt_core.exporter").write_export
+write_export = pytest.importorskip("ckpt_core.policy.exporter").write_export
 
 GROUP = 32
 WQ_HF = "model.layers.0.self_attn.q_proj"
@@ -196,7 +196,7 @@ def test_dcp_export_holds_the_same_compressed_entries_as_the_hf_export(tmp_path)
 
 
 def test_qat_fine_tune_starts_from_a_plain_hf_checkpoint(tmp_path):
-    from ckpt_core.exporter import load_hf
+    from ckpt_core.policy.exporter import load_hf
 
     torch.manual_seed(3)
     source = build_model("tiny")

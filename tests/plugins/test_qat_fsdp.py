@@ -13,7 +13,7 @@ from ckpt_core.reference import LlamaStateDictAdapter, build_model
 from ckpt_plugins_qat import QATConverter
 from tests.core._dist import run_on_ranks
 
-write_export = pytest.importorskip("ckpt_core.exporter").write_export
+write_export = pytest.importorskip("ckpt_core.policy.exporter").write_export
 
 
 def build(scheme: str):

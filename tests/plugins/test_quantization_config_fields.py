@@ -9,9 +9,9 @@ import pytest
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig
 
 from ckpt_core import Converters, ModelWrapper
-from ckpt_core.adapters import model_family
-from ckpt_core.exporter import write_export
-from ckpt_core.quantization_config import FORMAT_VERSION, STATIC_OBSERVER
+from ckpt_core.content.families import model_family
+from ckpt_core.content.quantization_config import FORMAT_VERSION, STATIC_OBSERVER
+from ckpt_core.policy.exporter import write_export
 
 TOP_LEVEL = {
     "version",

@@ -18,7 +18,7 @@ def _config() -> dict:
 def _ckpt_run(folder, *, initial=None, lr_lambda=None):
     """ckpt's reference Llama with AdamW, LambdaLR and a CheckpointManager."""
     from ckpt_core import CheckpointConfig, CheckpointManager
-    from ckpt_core.adapters import model_family
+    from ckpt_core.content.families import model_family
 
     family, config = model_family("llama"), _config()
     torch.manual_seed(7)
@@ -148,7 +148,7 @@ def test_an_hf_export_of_ckpt_is_read_by_torchtitans_initial_load_in_hf(titan, t
     initial = {"path": step, "format": "torchtitan"}
     model, _, _, manager = _ckpt_run(tmp_path / "ckpt", initial=initial)
     assert manager.load()
-    from ckpt_core.exporter import write_export
+    from ckpt_core.policy.exporter import write_export
 
     export = tmp_path / "export"
     write_export(manager.wrapper, str(export), fmt="hf", dtype="float32",

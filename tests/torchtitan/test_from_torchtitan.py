@@ -22,7 +22,7 @@ def _titan_logits(run) -> torch.Tensor:
 
 
 def _llama(config: dict):
-    from ckpt_core.adapters import model_family
+    from ckpt_core.content.families import model_family
 
     return model_family("llama").build_model(config)
 

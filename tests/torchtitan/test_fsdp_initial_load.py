@@ -14,9 +14,9 @@ def _load_sharded(rank: int, world_size: int, step: str, folder: str) -> dict:
     from torch.distributed.fsdp import fully_shard
 
     from ckpt_core import CheckpointConfig, CheckpointManager
-    from ckpt_core.adapters import model_family
+    from ckpt_core.content.families import model_family
+    from ckpt_core.content.states import OptimizersContainer
     from ckpt_core.dtensor_utils import full_tensor
-    from ckpt_core.states import OptimizersContainer
     from ckpt_core.torchtitan import architecture
 
     family, config = model_family("llama"), architecture.hf_config(_titan.ARGS)

@@ -65,7 +65,7 @@ def test_renamed_keys_are_refused_by_convert_and_read_right_with_from_torchtitan
     out = tmp_path / "ok"
     assert main(["convert", renamed, str(out), "--from", "torchtitan", "--to", "dcp",
                  "--model", config, "--no-progress"]) == 0  # fmt: skip
-    from ckpt_core.adapters import model_family
+    from ckpt_core.content.families import model_family
     from ckpt_core.storage.dcp_entries import read_entries
 
     model = model_family("llama").build_model(json.loads(open(config).read()))
@@ -78,7 +78,7 @@ def test_renamed_keys_are_refused_by_convert_and_read_right_with_from_torchtitan
 @pytest.mark.parametrize("which", ["raw", "renamed"])
 def test_an_initial_load_of_a_torchtitan_folder_as_dcp_is_refused(titan, tmp_path, which):
     from ckpt_core import CheckpointConfig, CheckpointManager
-    from ckpt_core.adapters import model_family
+    from ckpt_core.content.families import model_family
     from ckpt_core.errors import CheckpointError
     from ckpt_core.torchtitan import architecture
 

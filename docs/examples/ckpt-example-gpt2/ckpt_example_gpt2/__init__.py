@@ -3,7 +3,7 @@ written as Hugging Face ``gpt2``.
 
 ckpt finds it through the entry point ``gpt2 = "ckpt_example_gpt2:gpt2_family"``
 in the ``ckpt_core.model_families`` group; :func:`gpt2_family` returns the
-:class:`~ckpt_core.adapters.ModelFamily`, which names four things:
+:class:`~ckpt_core.plugin_api.ModelFamily`, which names four things:
 
 * ``adapter``: ``config.json`` dict → :class:`GPT2StateDictAdapter` (the key map);
 * ``build_model``: ``(config.json dict, device=None)`` → the model;
@@ -19,8 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ckpt_core import CheckpointError, ConfigError, StateDictAdapter
-from ckpt_core.adapters import ModelFamily
+from ckpt_core.plugin_api import (
+    CheckpointError,
+    ConfigError,
+    ModelFamily,
+    StateDictAdapter,
+    read_hf_config,
+)
 from ckpt_example_gpt2.model import GPT2Args, TinyGPT2
 
 NAME = "gpt2"
@@ -141,8 +146,6 @@ def config_for(name_or_path: str) -> dict[str, Any]:
     """The ``config.json`` dict of a flavor, an HF ``gpt2`` folder or a ``config.json``."""
     if name_or_path in FLAVORS:
         return GPT2StateDictAdapter(dataclasses.replace(FLAVORS[name_or_path])).hf_config()
-    from ckpt_core.storage.hf_config_file import read_hf_config
-
     return read_hf_config(name_or_path)
 
 

@@ -1,7 +1,7 @@
 """The ``hf`` model family: transformers models, for ``ckpt convert`` of their checkpoints.
 
 A checkpoint of a transformers model records ``{"adapter": "hf", "config": ...}``
-in its manifest (:class:`ckpt_core.hf_native.HFNativeAdapter`); converting it
+in its manifest (:class:`ckpt_core.content.hf_native.HFNativeAdapter`); converting it
 offline builds the model with transformers from that config and keeps every
 name. The family lists no ``model_type``; it is the fallback for every
 ``model_type`` transformers builds as a causal LM (``AutoModelForCausalLM``)
@@ -12,8 +12,8 @@ comes here.
 
 from __future__ import annotations
 
-from ckpt_core.adapters import ModelFamily
-from ckpt_core.hf_native import REGISTRY_NAME, HFNativeAdapter, build_model
+from ckpt_core.content.families import ModelFamily
+from ckpt_core.content.hf_native import REGISTRY_NAME, HFNativeAdapter, build_model
 
 
 def causal_lm_type(model_type: str) -> bool:

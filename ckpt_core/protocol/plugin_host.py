@@ -1,6 +1,6 @@
 """``Converters``: the enabled converters of one run, composed as one object.
 
-Each hook of :mod:`ckpt_core.hookspecs` is a method here that applies the
+Each hook of :mod:`ckpt_core.protocol.hookspecs` is a method here that applies the
 composition rule its spec states. Instances are registered with one pluggy
 ``PluginManager``; pluggy validates every ``@hookimpl`` against its spec.
 Set ``CKPT_TRACE_PLUGINS=1`` to log every hook call with arguments and result.
@@ -18,11 +18,11 @@ from typing import Any
 import pluggy
 from pydantic import ValidationError
 
-from ckpt_core import hookspecs
-from ckpt_core.adapter import StateDictAdapter
 from ckpt_core.config import comma_list
-from ckpt_core.discovery import discover_converters
 from ckpt_core.errors import ConfigError, NotEnabledError, PluginError
+from ckpt_core.protocol import hookspecs
+from ckpt_core.protocol.discovery import discover_converters
+from ckpt_core.protocol.state_dict_adapter import StateDictAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class Converters:
             self._pm.check_pending()
         except pluggy.PluginValidationError as exc:
             raise PluginError(
-                f"{exc} (a @hookimpl whose name matches no hook of ckpt_core.hookspecs; "
+                f"{exc} (a @hookimpl whose name matches no hook of ckpt_core.protocol.hookspecs; "
                 f"known hooks: {', '.join(hookspecs.HOOK_NAMES)})"
             ) from exc
         self._callers: dict[tuple[str, int], Any] = {}

@@ -1,9 +1,10 @@
 """``CheckpointManager``: *when*, *what* and *where* to save and load.
 
 Policy only. Content comes from :class:`ModelWrapper` views and the Stateful
-containers in :mod:`ckpt_core.states`; bytes move through
+containers in :mod:`ckpt_core.content.states`; bytes move through
 :mod:`ckpt_core.storage` (DCP writers, manifest, commit, purge) and
-:mod:`ckpt_core.async_save`; loading checks live in :mod:`ckpt_core.resume`.
+:mod:`ckpt_core.storage.async_writer`; loading checks live in
+:mod:`ckpt_core.policy.load_mechanics`.
 
 A save (every rank, collectively):
 
@@ -31,21 +32,27 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from ckpt_core import model_layout, owned_only, preflight, save_errors
-from ckpt_core.adapter import StateDictAdapter
-from ckpt_core.async_save import AsyncCheckpointer
 from ckpt_core.config import CORE_STATES, CheckpointConfig
+from ckpt_core.content import model_layout, owned_only
+from ckpt_core.content.hf_native import adapter_for
+from ckpt_core.content.model_wrapper import ModelWrapper
+from ckpt_core.content.states import (
+    LRSchedulersContainer,
+    ModelState,
+    OptimizersContainer,
+    as_stateful,
+)
+from ckpt_core.content.train_state import TrainState
 from ckpt_core.errors import CheckpointError, ConfigError, SaveError
-from ckpt_core.hf_native import adapter_for
-from ckpt_core.model_wrapper import ModelWrapper
-from ckpt_core.plugins import Converters
-from ckpt_core.preemption import PreemptionHandler, parse_signals, pause_before_commit
+from ckpt_core.policy import preflight, save_errors
+from ckpt_core.policy.preemption import PreemptionHandler, parse_signals, pause_before_commit
+from ckpt_core.protocol.plugin_host import Converters
+from ckpt_core.protocol.state_dict_adapter import StateDictAdapter
 from ckpt_core.rank_zero import distributed_on, on_rank_zero
-from ckpt_core.states import LRSchedulersContainer, ModelState, OptimizersContainer, as_stateful
 from ckpt_core.storage import layout, manifest, signing
+from ckpt_core.storage.async_writer import AsyncCheckpointer
 from ckpt_core.storage.dcp_io import storage_writer, written_checksums
 from ckpt_core.storage.purge import Purger
-from ckpt_core.train_state import TrainState
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +78,12 @@ class CheckpointManager:
         self.enabled = config.enable
         self.converters = converters if converters is not None else Converters([])
         self.wrapper = ModelWrapper(model_parts, converters=self.converters)
-        # A transformers model needs no adapter: its names are HF's (ckpt_core.hf_native).
+        # A transformers model needs no adapter: its names are HF's
+        # (ckpt_core.content.hf_native).
         self.sd_adapter = sd_adapter if sd_adapter is not None else adapter_for(model_parts)
         self.train_state = TrainState()
-        # Owned-only checkpoints (see ckpt_core.owned_only): only converter-owned model keys.
+        # Owned-only checkpoints (see ckpt_core.content.owned_only): only converter-owned
+        # model keys.
         self.keep_model_key = owned_only.model_key_filter(self.converters)
         if self.enabled:
             owned_only.check_config(config, self.converters)
@@ -149,7 +158,7 @@ class CheckpointManager:
             logger.info("checkpoint.export.folder not set: exports go to %s", export.folder)
         return True
 
-    # -- one writer and pre-flight (ckpt_core.storage.lock, ckpt_core.preflight) ----
+    # -- one writer and pre-flight (ckpt_core.storage.lock, ckpt_core.policy.preflight) ----
 
     def _written_folders(self) -> list[tuple[str, str]]:
         """``(what, folder)`` for every folder this run writes (rank 0 writes them)."""
@@ -241,7 +250,7 @@ class CheckpointManager:
                 save_errors.handle(exc, policy, final=last_step)
         return saved
 
-    # -- preemption (see ckpt_core.preemption) ----------------------------------
+    # -- preemption (see ckpt_core.policy.preemption) ----------------------------------
 
     def install_preemption_handler(self, signals: Any = None) -> PreemptionHandler | None:
         """Catch ``signals`` (default: ``checkpoint.preemption_signal``) as a preemption
@@ -365,7 +374,7 @@ class CheckpointManager:
         Their staging copy may overlap forward/backward; buffers (a forward pass may
         update them in place) and everything else are copied before ``save`` returns.
         """
-        from ckpt_core.model_wrapper import canonical_fqn
+        from ckpt_core.content.model_wrapper import canonical_fqn
 
         params = {
             canonical_fqn(name)
@@ -451,7 +460,7 @@ class CheckpointManager:
         return model_layout.record({"adapter": name, "config": config}, adapter)
 
     def _do_export(self, step: int) -> None:
-        from ckpt_core.exporter import write_export
+        from ckpt_core.policy.exporter import write_export
 
         self.acquire()
         self.preflight()
@@ -472,7 +481,7 @@ class CheckpointManager:
                 sign_key=self._sign_key,
             )
         except BaseException as exc:  # DCP's CheckpointException is a BaseException
-            from ckpt_core.exporter import tmp_path_for
+            from ckpt_core.policy.exporter import tmp_path_for
 
             error = save_errors.as_save_error(
                 exc, f"exporting step {step} to {final}", export.folder
@@ -523,7 +532,7 @@ class CheckpointManager:
         takes the newest committed step. Returns True when anything was loaded
         (a resume or an initial load), False for a fresh start. Collective.
         """
-        from ckpt_core.loading import load_into
+        from ckpt_core.policy.load_policy import load_into
 
         if not self.enabled:
             return False

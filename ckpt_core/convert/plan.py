@@ -37,9 +37,14 @@ from typing import Any
 
 import torch
 
-from ckpt_core.adapter import StateDictAdapter
+from ckpt_core.content.transforms import (
+    StateDictTransforms,
+    cast_dtype,
+    cast_state_dict,
+    is_castable,
+)
 from ckpt_core.errors import CheckpointError
-from ckpt_core.transforms import StateDictTransforms, cast_dtype, cast_state_dict, is_castable
+from ckpt_core.protocol.state_dict_adapter import StateDictAdapter
 
 logger = logging.getLogger(__name__)
 

@@ -24,18 +24,18 @@ from typing import Any
 
 import torch
 
-from ckpt_core import model_layout
-from ckpt_core.adapter import StateDictAdapter
+from ckpt_core.content import model_layout
+from ckpt_core.content.transforms import StateDictTransforms, parse_dtype
 from ckpt_core.errors import (
     CheckpointError,
     ConfigError,
     DamagedCheckpointError,
     DestinationExistsError,
 )
-from ckpt_core.plugins import Converters
+from ckpt_core.protocol.plugin_host import Converters
+from ckpt_core.protocol.state_dict_adapter import StateDictAdapter
 from ckpt_core.rank_zero import distributed_on
 from ckpt_core.storage import layout
-from ckpt_core.transforms import StateDictTransforms, parse_dtype
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Listing reads installed distributions' metadata only; a converter's module is
 imported by :meth:`ConverterEntry.load`, i.e. only when a run enables it.
 ``CKPT_DISABLE_PLUGIN_AUTOLOAD=1`` turns discovery off; classes can then be
 added with :func:`register_converter_class` or passed to ``Converters`` by hand.
-Model families (:mod:`ckpt_core.adapters`) are found by :func:`scan_entry_points`
+Model families (:mod:`ckpt_core.content.families`) are found by :func:`scan_entry_points`
 in their own group, under the same rules.
 """
 
@@ -17,7 +17,7 @@ from importlib import metadata
 from typing import Any, TypeVar
 
 from ckpt_core.errors import PluginError
-from ckpt_core.hookspecs import ENTRY_POINT_GROUP
+from ckpt_core.protocol.hookspecs import ENTRY_POINT_GROUP
 
 DISABLE_ENV = "CKPT_DISABLE_PLUGIN_AUTOLOAD"
 
@@ -151,5 +151,5 @@ def validate_converter_class(cls: Any, name: str | None, distribution: str) -> N
     if not (isinstance(config, type) and issubclass(config, BaseModel)):
         raise PluginError(
             f"{where}: class {cls.__qualname__} needs a nested pydantic 'Config' model "
-            "(subclass ckpt_core.converter.ConverterConfig)."
+            "(subclass ckpt_core.protocol.converter.ConverterConfig)."
         )

@@ -6,7 +6,7 @@ Spot instances and cluster schedulers send SIGTERM (Slurm: any signal chosen wit
 1. :class:`PreemptionHandler` catches those signals. The first one only sets a
    flag: nothing else runs inside the handler.
 2. The training loop asks :meth:`CheckpointManager.preemption_requested
-   <ckpt_core.manager.CheckpointManager.preemption_requested>` once per step; the
+   <ckpt_core.policy.manager.CheckpointManager.preemption_requested>` once per step; the
    manager all-reduces the flag (MAX), so every rank stops after the same step
    even when only one of them got the signal.
 3. Every rank finishes the step, ``save_now(step)`` saves it synchronously, and

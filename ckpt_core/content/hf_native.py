@@ -39,9 +39,9 @@ from typing import Any
 
 from torch import nn
 
-from ckpt_core.adapter import StateDictAdapter
+from ckpt_core.content.model_wrapper import canonical_fqn
 from ckpt_core.errors import ConfigError
-from ckpt_core.model_wrapper import canonical_fqn
+from ckpt_core.protocol.state_dict_adapter import StateDictAdapter
 
 logger = logging.getLogger(__name__)
 

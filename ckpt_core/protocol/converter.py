@@ -26,7 +26,7 @@ class Converter:
     #: Converters that, when also enabled, must come *before* this one in
     #: ``converters.enabled`` (LoRA wraps quantized linears: ``("qat", "float8")``).
     runs_after: ClassVar[tuple[str, ...]] = ()
-    #: The hook protocol (``ckpt_core.hookspecs.HOOK_PROTOCOL_VERSION``) this converter was
+    #: The hook protocol (``ckpt_core.protocol.hookspecs.HOOK_PROTOCOL_VERSION``) this converter was
     #: written for; a ckpt-core that no longer runs it, or does not run it yet, refuses it.
     hook_protocol: ClassVar[int] = 1
 

@@ -2,9 +2,9 @@
 
 :class:`Conversion` builds the model on the ``meta`` device (nothing
 allocated), applies the converters there, and plans the output
-(:mod:`ckpt_core.convert_plan`): the groups of tensors that must meet, what
+(:mod:`ckpt_core.convert.plan`): the groups of tensors that must meet, what
 each group writes, and the files those outputs fill. Writing then goes group by
-group: read the group's tensors from the source (:mod:`ckpt_core.convert_sources`:
+group: read the group's tensors from the source (:mod:`ckpt_core.convert.sources`:
 DCP partial reads, safetensors slices) into one reused buffer, run the
 converters' export transform and the adapters' ``to_hf`` on them, write the
 results, and drop them before the next group. Peak memory above the
@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from ckpt_core.convert_plan import MODEL, ConvertPlan, GroupConverter, Job, OutFile, plan
-from ckpt_core.convert_sources import Arena, DcpSource, HfSource, Sources
+from ckpt_core.convert.plan import MODEL, ConvertPlan, GroupConverter, Job, OutFile, plan
+from ckpt_core.convert.sources import Arena, DcpSource, HfSource, Sources
 from ckpt_core.errors import CheckpointError, CkptError
 from ckpt_core.storage import layout
 
@@ -90,11 +90,11 @@ class Conversion:
     """The planned conversion of one source, and the writer of its pieces."""
 
     def __init__(self, request: Request, family: Any = None) -> None:
-        from ckpt_core.adapters import model_family
-        from ckpt_core.hf_native import tied_names
-        from ckpt_core.model_wrapper import ModelWrapper
-        from ckpt_core.plugins import Converters
-        from ckpt_core.transforms import StateDictTransforms, parse_dtype
+        from ckpt_core.content.families import model_family
+        from ckpt_core.content.hf_native import tied_names
+        from ckpt_core.content.model_wrapper import ModelWrapper
+        from ckpt_core.content.transforms import StateDictTransforms, parse_dtype
+        from ckpt_core.protocol.plugin_host import Converters
 
         self.request = request
         family = family if family is not None else model_family(request.family)
@@ -391,7 +391,7 @@ def split_pieces(sizes: list[int], splittable: list[bool], workers: int) -> list
 # Where the platform has fork, a worker is a fork of the planned parent (nothing to
 # import or plan again; one intra-op thread, since the workers are the parallelism);
 # elsewhere, or with ``CKPT_CONVERT_WORKERS=spawn``, it is ``python -m
-# ckpt_core.streaming_convert`` reading a pickled ``(Request, [Piece])`` on stdin, which
+# ckpt_core.convert.streaming`` reading a pickled ``(Request, [Piece])`` on stdin, which
 # redoes the same deterministic plan (and never re-runs the caller's ``__main__``).
 
 WORKERS_ENV = "CKPT_CONVERT_WORKERS"
@@ -497,7 +497,7 @@ def _spawn(request: Request, pieces: list[Piece]) -> tuple[Callable[[], int], An
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ckpt_core.streaming_convert"],
+        [sys.executable, "-m", "ckpt_core.convert.streaming"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         env=env,
@@ -637,7 +637,7 @@ def _finish_dcp(conversion: Conversion, results: list[PieceResult]) -> dict[str,
     """``.metadata`` from DCP's own planner (over meta tensors) and the files' write results."""
     from torch.distributed.checkpoint import DefaultSavePlanner
 
-    from ckpt_core.convert_plan import DCP_PREFIX
+    from ckpt_core.convert.plan import DCP_PREFIX
     from ckpt_core.storage.dcp_io import storage_writer, written_checksums
     from ckpt_core.storage.manifest import crc32_hex
 
@@ -659,6 +659,6 @@ def _finish_dcp(conversion: Conversion, results: list[PieceResult]) -> dict[str,
 
 if __name__ == "__main__":
     # Run the imported module's copy, so the classes pickled back are importable by name.
-    from ckpt_core.streaming_convert import _worker_main as main
+    from ckpt_core.convert.streaming import _worker_main as main
 
     main()

@@ -28,8 +28,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from ckpt_core.content.model_wrapper import ModelWrapper
 from ckpt_core.errors import ConfigError
-from ckpt_core.model_wrapper import ModelWrapper
 
 _FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 
@@ -38,7 +38,7 @@ class ModelState:
     """``{"model": ...}`` entry: the ``full`` view, loaded back through the wrapper.
 
     ``keep`` (optional) limits the entry to the keys it accepts (owned-only
-    checkpoints, see :mod:`ckpt_core.owned_only`); loading is then partial.
+    checkpoints, see :mod:`ckpt_core.content.owned_only`); loading is then partial.
     """
 
     def __init__(self, wrapper: ModelWrapper, keep: Callable[[str], bool] | None = None) -> None:

@@ -30,7 +30,7 @@ class StateDictAdapter(ABC):
 
     #: Rotary layout of the q/k weights the model computes with (``"rotate_half"``:
     #: Hugging Face's and ckpt's reference models'), recorded in manifests and
-    #: compared on every load (:mod:`ckpt_core.model_layout`); ``None``: not declared.
+    #: compared on every load (:mod:`ckpt_core.content.model_layout`); ``None``: not declared.
     rope_layout: str | None = None
 
     @abstractmethod

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from ckpt_core.adapter import StateDictAdapter
 from ckpt_core.errors import CheckpointError, first_of
+from ckpt_core.protocol.state_dict_adapter import StateDictAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class DcpSource:
 
     def read(self, containers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Fill ``containers`` from the checkpoint (a partial DCP read of their keys)."""
-        from ckpt_core.exporter import single_process_quiet
+        from ckpt_core.policy.exporter import single_process_quiet
         from ckpt_core.storage.safe_metadata import safe_load
 
         if containers:
@@ -288,7 +288,7 @@ def _check_source(
 
 def _check_float8(source: DcpSource, specs: Mapping[str, torch.Tensor], stored) -> None:
     """Refuse float8 entries that would be widened without their scales."""
-    from ckpt_core.transforms import is_float8
+    from ckpt_core.content.transforms import is_float8
 
     narrowed = sorted(
         k for k, (_, dtype) in stored.items() if is_float8(dtype) and specs[k].dtype != dtype

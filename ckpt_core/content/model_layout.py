@@ -8,7 +8,7 @@ layout, the weights fit every shape check and compute something else.
 
 So the manifest's ``model`` entry records the layout its q/k rows are in
 (``"rope_layout": "rotate_half"``), taken from the state-dict adapter's
-:attr:`~ckpt_core.adapter.StateDictAdapter.rope_layout`, and every load
+:attr:`~ckpt_core.protocol.state_dict_adapter.StateDictAdapter.rope_layout`, and every load
 compares it with the live model's adapter: a difference is refused, naming
 both and the conversion to run. A manifest without the field (written by ckpt
 0.1, or with no adapter) means rotate-half: ckpt has never written another.

@@ -1,7 +1,7 @@
 """The converter protocol: pluggy markers and hook specifications.
 
 A converter is a class whose instance is registered with one pluggy
-``PluginManager`` per run (see :mod:`ckpt_core.plugins`). It implements any of
+``PluginManager`` per run (see :mod:`ckpt_core.protocol.plugin_host`). It implements any of
 the hooks below as ``@hookimpl`` methods; a hook it does not implement simply
 takes no part. :class:`ckpt_core.Converters` calls the hooks and composes their
 results as each docstring says; trainers never call pluggy directly.
@@ -20,7 +20,7 @@ import pluggy
 if TYPE_CHECKING:
     from torch import nn
 
-    from ckpt_core.adapter import StateDictAdapter
+    from ckpt_core.protocol.state_dict_adapter import StateDictAdapter
 
 PROJECT_NAME = "ckpt_core"
 ENTRY_POINT_GROUP = "ckpt_core.converters"

@@ -5,7 +5,7 @@
   except ``exclude_from_loading``.
 * **Initial load**, only when the folder holds no committed step: DCP (model
   only, or every state when ``model_only = false``), or Hugging Face weights
-  through :func:`ckpt_core.exporter.load_hf`.
+  through :func:`ckpt_core.policy.exporter.load_hf`.
 * **Fresh start** otherwise, logged.
 * ``additional_load`` entries (e.g. a PEFT adapter) are applied after an
   initial load or a fresh start, never on resume: the checkpoint already holds
@@ -17,15 +17,16 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from ckpt_core import model_layout, owned_only, resume
 from ckpt_core.config import InitialLoadConfig
+from ckpt_core.content import model_layout, owned_only
+from ckpt_core.content.states import ModelState
 from ckpt_core.errors import CheckpointError
-from ckpt_core.states import ModelState
+from ckpt_core.policy import load_mechanics as resume
 from ckpt_core.storage import layout, manifest, pins, signing
 from ckpt_core.storage.safe_metadata import METADATA_NAME, read_metadata
 
 if TYPE_CHECKING:
-    from ckpt_core.manager import CheckpointManager
+    from ckpt_core.policy.manager import CheckpointManager
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ def _initial_load(manager: CheckpointManager, initial: InitialLoadConfig | None 
         with pins.reading(path):  # another run's step: its retention waits for us
             _load_dcp(manager, path, states, exact=False)
     else:
-        from ckpt_core.exporter import load_hf
+        from ckpt_core.policy.exporter import load_hf
 
         signing.require_valid(path, manager.config.verify_key)
         load_hf(
@@ -190,7 +191,7 @@ def _additional_loads(manager: CheckpointManager) -> None:
     entries = manager.config.additional_load
     if not entries:
         return
-    from ckpt_core.exporter import load_additional
+    from ckpt_core.policy.exporter import load_additional
 
     for entry in entries:
         not_found = load_additional(

@@ -2,7 +2,7 @@
 
 The size fields that decoder-only configs of transformers share are bounded,
 so a damaged or crafted config cannot ask the allocator for an absurd tensor;
-a family adds its own checks (:attr:`ckpt_core.adapters.ModelFamily.check_config`).
+a family adds its own checks (:attr:`ckpt_core.content.families.ModelFamily.check_config`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Loading a DCP step: choose it, check it, compare it with the model, read it.
 
-Used by :class:`ckpt_core.manager.CheckpointManager` (policy) and by the CLI.
+Used by :class:`ckpt_core.policy.manager.CheckpointManager` (policy) and by the CLI.
 Nothing here decides *whether* to load; it makes a load either exact or a
 clear error:
 
@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
+from ckpt_core.content.model_wrapper import tensor_shape
 from ckpt_core.errors import CheckpointError, DamagedCheckpointError, first_of
-from ckpt_core.model_wrapper import tensor_shape
 from ckpt_core.storage import layout, manifest
 from ckpt_core.storage.safe_metadata import read_metadata, safe_load
 

@@ -25,9 +25,14 @@ from typing import Any
 
 from torch import nn
 
-from ckpt_core.adapter import StateDictAdapter
-from ckpt_core.discovery import DISABLE_ENV, PluginEntry, autoload_disabled, scan_entry_points
 from ckpt_core.errors import ConfigError, PluginError
+from ckpt_core.protocol.discovery import (
+    DISABLE_ENV,
+    PluginEntry,
+    autoload_disabled,
+    scan_entry_points,
+)
+from ckpt_core.protocol.state_dict_adapter import StateDictAdapter
 from ckpt_core.storage.hf_config_file import is_hf_path, read_hf_config
 
 #: The entry-point group model families register in.
@@ -122,7 +127,7 @@ def validate_model_family(family: Any, name: str, distribution: str) -> None:
     where = f"Model family {name!r} from {distribution!r}"
     if not isinstance(family, ModelFamily):
         raise PluginError(
-            f"{where}: the entry point must name a ckpt_core.adapters.ModelFamily or a "
+            f"{where}: the entry point must name a ckpt_core.content.families.ModelFamily or a "
             f"function returning one, got {type(family).__name__}."
         )
     if family.name != name:
@@ -195,7 +200,7 @@ def family_for_hf_config(config: dict[str, Any]) -> ModelFamily:
             raise PluginError(
                 f"config.json model_type {model_type!r} is read by {how}more than one model "
                 f"family: {names}. Uninstall one of them, or register the one to use in this "
-                "process with ckpt_core.adapters.register_model_family."
+                "process with ckpt_core.content.families.register_model_family."
             )
         if found:
             return found[0][0]

@@ -25,7 +25,7 @@ from torch import nn
 
 from ckpt_core.dtensor_utils import with_local
 from ckpt_core.errors import CheckpointError, first_of
-from ckpt_core.plugins import Converters
+from ckpt_core.protocol.plugin_host import Converters
 
 View = Literal["full", "base", "export"]
 VIEWS: tuple[str, ...] = ("full", "base", "export")

@@ -27,7 +27,7 @@ from typing import Any
 
 from ckpt_core.config import CheckpointConfig, InitialLoadConfig
 from ckpt_core.errors import CheckpointError, ConfigError, DamagedCheckpointError
-from ckpt_core.plugins import Converters
+from ckpt_core.protocol.plugin_host import Converters
 from ckpt_core.storage import layout, manifest
 
 logger = logging.getLogger(__name__)
