@@ -1,0 +1,10 @@
+"""Old import path, an alias of :mod:`ckpt_core.content.experts`.
+
+Kept for one release; import from the new path.
+"""
+
+import sys
+
+from ckpt_core.content import experts as _moved
+
+sys.modules[__name__] = _moved

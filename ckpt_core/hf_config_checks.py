@@ -1,0 +1,10 @@
+"""Old import path, an alias of :mod:`ckpt_core.content.hf_config_checks`.
+
+Kept for one release; import from the new path.
+"""
+
+import sys
+
+from ckpt_core.content import hf_config_checks as _moved
+
+sys.modules[__name__] = _moved
