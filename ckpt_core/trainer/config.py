@@ -69,6 +69,73 @@ class MetricsConfig(_Strict):
     log_every: int = Field(10, ge=1, description="Plain log line every N steps (no terminal).")
 
 
+class ParallelismConfig(_Strict):
+    """``[parallelism]``: how the ranks split the model (torchtitan's names).
+
+    ``pipeline x data_parallel_shard x tensor`` is the world size
+    (``data_parallel_shard_degree = -1`` takes what the others leave); expert
+    parallel borrows its ranks from data_parallel_shard. Everything at 1 except FSDP is the plain
+    FSDP2 run of earlier versions.
+    """
+
+    data_parallel_shard_degree: int = Field(
+        -1, description="FSDP2 shards over this many ranks; -1: the world size over the rest."
+    )
+    tensor_parallel_degree: int = Field(
+        1, ge=1, description="Tensor parallel (column/row-wise attention and MLP) ranks."
+    )
+    expert_parallel_degree: int = Field(
+        1, ge=1, description="Expert parallel ranks for mixture-of-experts families (moe)."
+    )
+    pipeline_parallel_degree: int = Field(
+        1, ge=1, description="Pipeline stages (torch.distributed.pipelining); 1: off."
+    )
+    pipeline_parallel_microbatches: int = Field(
+        0, ge=0, description="Microbatches per step for pipeline parallel; 0: the stage count."
+    )
+
+    def degrees(self, world_size: int) -> dict[str, int]:
+        """``{dim name: degree}`` for ``world_size`` ranks, or a ConfigError naming the fix.
+
+        As in torchtitan, ``pp x dp_shard x tp`` is the world size and expert
+        parallel borrows its ranks from the FSDP dimension: ``ep`` divides
+        ``dp_shard`` (experts shard over ``ep``, FSDP over ``dp_shard / ep``).
+        """
+        from ckpt_core.errors import ConfigError
+
+        tp, ep, pp = (
+            self.tensor_parallel_degree,
+            self.expert_parallel_degree,
+            self.pipeline_parallel_degree,
+        )
+        others = tp * pp
+        dp = self.data_parallel_shard_degree
+        if dp == -1:
+            if world_size % others:
+                raise ConfigError(
+                    f"parallelism: tensor_parallel_degree {tp} x pipeline_parallel_degree {pp} "
+                    f"= {others} does not divide the world size {world_size}; choose degrees "
+                    "whose product divides it."
+                )
+            dp = world_size // others
+        elif dp < 1:
+            raise ConfigError(
+                f"parallelism.data_parallel_shard_degree = {dp}; use -1 (the rest) or >= 1."
+            )
+        if dp * others != world_size:
+            raise ConfigError(
+                f"parallelism: data_parallel_shard_degree {dp} x tensor_parallel_degree {tp} x "
+                f"pipeline_parallel_degree {pp} = {dp * others}, but the world size is "
+                f"{world_size}; set data_parallel_shard_degree = -1 or change the degrees."
+            )
+        if dp % ep:
+            raise ConfigError(
+                f"parallelism.expert_parallel_degree = {ep} does not divide the FSDP degree {dp} "
+                "(expert parallel borrows FSDP ranks); choose a divisor of it."
+            )
+        return {"pp": pp, "dp_shard": dp, "ep": ep, "tp": tp}
+
+
 class TrainConfig(_Strict):
     """The whole ``ckpt train`` config file."""
 
@@ -76,6 +143,7 @@ class TrainConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    parallelism: ParallelismConfig = Field(default_factory=ParallelismConfig)
     converters: ConvertersConfig = Field(default_factory=ConvertersConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
