@@ -129,7 +129,7 @@ def run(args, out: str, checks: Checks, t_start: float) -> dict[str, object]:
     import torch
     import torchao
 
-    from ckpt_core import Converters, ModelWrapper
+    from ckpt_core import ConverterSet, ModelWrapper
     from ckpt_core.reference import ModelArgs, adapter_for
     from ckpt_plugins_float8 import Float8Converter
 
@@ -167,9 +167,9 @@ def run(args, out: str, checks: Checks, t_start: float) -> dict[str, object]:
     }
     emulate = True if smoke else False
 
-    def converters(export: str = "high_precision") -> Converters:
+    def converters(export: str = "high_precision") -> ConverterSet:
         cfg = Float8Converter.Config(emulate=emulate, export=export)
-        return Converters([Float8Converter(cfg)])
+        return ConverterSet([Float8Converter(cfg)])
 
     def data(step: int) -> torch.Tensor:
         # A learnable stream: random starts, then a fixed bigram map over the first ids.

@@ -14,7 +14,7 @@ import time
 import torch
 from torch import nn
 
-from ckpt_core import Converters, ModelWrapper
+from ckpt_core import ConverterSet, ModelWrapper
 from ckpt_core.reference import build_model
 from ckpt_plugins_lora import LoRAConfig, LoRAConverter
 
@@ -55,7 +55,7 @@ def check(kind: str, swap) -> None:
     with torch.no_grad():
         before = model(tokens)
     conv = LoRAConverter(LoRAConfig(rank=8, alpha=16))
-    convs = Converters([conv])
+    convs = ConverterSet([conv])
     convs.convert(model)
     cls = type(model.layers["0"].attention.wq).__name__
     with torch.no_grad():

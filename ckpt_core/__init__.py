@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from ckpt_core._version import __version__
 from ckpt_core.config import CheckpointConfig, ConvertersConfig
 from ckpt_core.content.model_wrapper import ModelWrapper
+from ckpt_core.deprecation import renamed_attribute as _renamed_attribute
 from ckpt_core.errors import (
     CheckpointError,
     CkptError,
@@ -17,9 +18,9 @@ from ckpt_core.errors import (
     PreflightError,
     SaveError,
 )
-from ckpt_core.protocol.converter import Converter, ConverterConfig
+from ckpt_core.protocol.converter import Converter, ConverterOptions
 from ckpt_core.protocol.hookspecs import hookimpl
-from ckpt_core.protocol.plugin_host import Converters
+from ckpt_core.protocol.plugin_host import ConverterSet
 from ckpt_core.protocol.state_dict_adapter import StateDictAdapter
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'ckpt_core' has no attribute {name!r}")
+    return _renamed_attribute(__name__, name)  # an old name warns; others: AttributeError
 
 
 __all__ = [
@@ -56,8 +57,8 @@ __all__ = [
     "CkptError",
     "ConfigError",
     "Converter",
-    "ConverterConfig",
-    "Converters",
+    "ConverterOptions",
+    "ConverterSet",
     "ConvertersConfig",
     "DamagedCheckpointError",
     "FolderLockedError",

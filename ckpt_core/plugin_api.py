@@ -5,7 +5,7 @@ module is internal and may move between releases (see ``docs/design.md``, "Where
 things live"). Names here keep their meaning for the whole 0.x ``ckpt-core`` range
 a plugin pins.
 
-* Protocol: :class:`Converter`, :class:`ConverterConfig`, :class:`StateDictAdapter`,
+* Protocol: :class:`Converter`, :class:`ConverterOptions`, :class:`StateDictAdapter`,
   :data:`hookimpl`, :class:`ModelFamily`.
 * Naming and tensors: :func:`canonical_fqn`, :func:`full_tensor`, :func:`with_local`.
 * Mixture-of-experts layers: :func:`router_linears`, :func:`stacked_leaf_names`,
@@ -18,6 +18,8 @@ a plugin pins.
 
 from __future__ import annotations
 
+from typing import Any
+
 from ckpt_core.config import comma_list
 from ckpt_core.content.experts import (
     WEIGHT_TRANSFORMS,
@@ -28,6 +30,7 @@ from ckpt_core.content.experts import (
 from ckpt_core.content.families import ModelFamily
 from ckpt_core.content.model_wrapper import canonical_fqn
 from ckpt_core.content.quantization_config import add_quantization_config
+from ckpt_core.deprecation import renamed_attribute
 from ckpt_core.dtensor_utils import full_tensor, with_local
 from ckpt_core.errors import (
     CheckpointError,
@@ -37,7 +40,7 @@ from ckpt_core.errors import (
     PluginError,
     first_of,
 )
-from ckpt_core.protocol.converter import Converter, ConverterConfig
+from ckpt_core.protocol.converter import Converter, ConverterOptions
 from ckpt_core.protocol.hookspecs import hookimpl
 from ckpt_core.protocol.state_dict_adapter import StateDictAdapter
 from ckpt_core.storage.hf_config_file import read_hf_config
@@ -51,7 +54,7 @@ __all__ = [
     "CkptError",
     "ConfigError",
     "Converter",
-    "ConverterConfig",
+    "ConverterOptions",
     "DamagedCheckpointError",
     "ModelFamily",
     "PluginError",
@@ -71,3 +74,8 @@ __all__ = [
     "transformable_experts",
     "with_local",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # An old name (ConverterConfig) still resolves, with a DeprecationWarning naming the new one.
+    return renamed_attribute(__name__, name)

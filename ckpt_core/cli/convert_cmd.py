@@ -93,7 +93,7 @@ def _converters(
     from ckpt_core.config import comma_list
     from ckpt_core.errors import ConfigError
     from ckpt_core.protocol.discovery import discover_converters
-    from ckpt_core.protocol.plugin_host import Converters
+    from ckpt_core.protocol.plugin_host import ConverterSet
 
     recorded = recorded or []
     if arg is None:
@@ -124,7 +124,7 @@ def _converters(
             "are then not read; float8, which owns none, changes nothing in a high-precision "
             "output)."
         )
-    return Converters.from_config(names, options)
+    return ConverterSet.from_config(names, options)
 
 
 def _progress(enabled: bool, width: int = 0):

@@ -25,7 +25,7 @@ from torch import nn
 
 from ckpt_core.dtensor_utils import with_local
 from ckpt_core.errors import CheckpointError, first_of
-from ckpt_core.protocol.plugin_host import Converters
+from ckpt_core.protocol.plugin_host import ConverterSet
 
 View = Literal["full", "base", "export"]
 VIEWS: tuple[str, ...] = ("full", "base", "export")
@@ -86,12 +86,12 @@ class ModelWrapper:
     """Views over one model or several model parts (pipeline stages)."""
 
     def __init__(
-        self, model: nn.Module | Iterable[nn.Module], converters: Converters | None = None
+        self, model: nn.Module | Iterable[nn.Module], converters: ConverterSet | None = None
     ) -> None:
         self.model_parts: list[nn.Module] = [model] if isinstance(model, nn.Module) else list(model)
         if not self.model_parts:
             raise ValueError("ModelWrapper needs at least one model part.")
-        self.converters = converters if converters is not None else Converters([])
+        self.converters = converters if converters is not None else ConverterSet([])
 
     # -- views ----------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from ckpt_core.config import CheckpointConfig, InitialLoadConfig
 from ckpt_core.errors import CheckpointError, ConfigError, DamagedCheckpointError
-from ckpt_core.protocol.plugin_host import Converters
+from ckpt_core.protocol.plugin_host import ConverterSet
 from ckpt_core.storage import layout, manifest
 
 logger = logging.getLogger(__name__)
@@ -36,14 +36,14 @@ OWNED = "owned"
 _CHECKSUMS: dict[str, str] = {}
 
 
-def owned_only_converters(converters: Converters | None) -> list[str]:
+def owned_only_converters(converters: ConverterSet | None) -> list[str]:
     """Names of the enabled converters whose ``checkpoint_view`` is ``"owned"``."""
     if not converters:
         return []
     return [c.name for c in converters if getattr(c, "checkpoint_view", "full") == OWNED]
 
 
-def model_key_filter(converters: Converters | None) -> Callable[[str], bool] | None:
+def model_key_filter(converters: ConverterSet | None) -> Callable[[str], bool] | None:
     """Predicate for the model keys an owned-only checkpoint keeps; ``None``: keep all."""
     names = set(owned_only_converters(converters))
     if not names:
@@ -56,7 +56,7 @@ def model_key_filter(converters: Converters | None) -> Callable[[str], bool] | N
     return keep
 
 
-def check_config(config: CheckpointConfig, converters: Converters | None) -> None:
+def check_config(config: CheckpointConfig, converters: ConverterSet | None) -> None:
     """An owned-only run needs a base: ``checkpoint.initial_load.path``."""
     names = owned_only_converters(converters)
     if names and config.enable and not config.load_only and not config.initial_load.path:

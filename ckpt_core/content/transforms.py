@@ -44,7 +44,7 @@ from ckpt_core.export_spec import (  # noqa: F401 (re-exported: the old home of 
     is_float8,
     parse_dtype,
 )
-from ckpt_core.protocol.plugin_host import Converters
+from ckpt_core.protocol.plugin_host import ConverterSet
 from ckpt_core.protocol.state_dict_adapter import StateDictAdapter
 
 
@@ -52,10 +52,10 @@ class StateDictTransforms:
     """Export view → dtype cast → to_hf, and the routing that loads use backwards."""
 
     def __init__(
-        self, sd_adapter: StateDictAdapter | None, converters: Converters | None = None
+        self, sd_adapter: StateDictAdapter | None, converters: ConverterSet | None = None
     ) -> None:
         self.sd_adapter = sd_adapter
-        self.converters = converters if converters is not None else Converters([])
+        self.converters = converters if converters is not None else ConverterSet([])
         self._adapters: dict[str, StateDictAdapter] | None = None
 
     @property

@@ -32,7 +32,7 @@ from ckpt_core.errors import (
     DamagedCheckpointError,
     DestinationExistsError,
 )
-from ckpt_core.protocol.plugin_host import Converters
+from ckpt_core.protocol.plugin_host import ConverterSet
 from ckpt_core.protocol.state_dict_adapter import StateDictAdapter
 from ckpt_core.rank_zero import distributed_on
 from ckpt_core.storage import layout
@@ -93,7 +93,7 @@ def write_export(
     fmt: str,
     dtype: str | torch.dtype | None,
     sd_adapter: StateDictAdapter | None,
-    converters: Converters | None = None,
+    converters: ConverterSet | None = None,
     step: int | None = None,
     progress: Callable[[int], None] | None = None,
     max_shard_bytes: int | None = None,
@@ -209,7 +209,7 @@ def _write_manifest(
     known: dict[str, tuple[int, str]],
     step: int | None,
     world: int,
-    converters: Converters | None,
+    converters: ConverterSet | None,
     sd_adapter: StateDictAdapter | None,
 ) -> None:
     try:
@@ -236,7 +236,7 @@ def load_hf(
     *,
     fmt: str = "hf",
     sd_adapter: StateDictAdapter | None,
-    converters: Converters | None = None,
+    converters: ConverterSet | None = None,
 ) -> None:
     """Load an HF folder into every key no converter owns (collective-free, per rank).
 
@@ -263,7 +263,7 @@ def load_additional(
     *,
     converter: str,
     sd_adapter: StateDictAdapter | None,
-    converters: Converters | None,
+    converters: ConverterSet | None,
 ) -> list[str]:
     """Load one converter's keys from its own format at ``path``; returns native keys not found.
 

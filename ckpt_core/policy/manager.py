@@ -46,7 +46,7 @@ from ckpt_core.content.train_state import TrainState
 from ckpt_core.errors import CheckpointError, ConfigError, SaveError
 from ckpt_core.policy import preflight, save_errors
 from ckpt_core.policy.preemption import PreemptionHandler, parse_signals, pause_before_commit
-from ckpt_core.protocol.plugin_host import Converters
+from ckpt_core.protocol.plugin_host import ConverterSet
 from ckpt_core.protocol.state_dict_adapter import StateDictAdapter
 from ckpt_core.rank_zero import distributed_on, on_rank_zero
 from ckpt_core.storage import layout, manifest, signing
@@ -71,12 +71,12 @@ class CheckpointManager:
         lr_schedulers: Any = None,
         dataloader: Any = None,
         states: Mapping[str, Any] | None = None,
-        converters: Converters | None = None,
+        converters: ConverterSet | None = None,
         sd_adapter: StateDictAdapter | None = None,
     ) -> None:
         self.config = config
         self.enabled = config.enable
-        self.converters = converters if converters is not None else Converters([])
+        self.converters = converters if converters is not None else ConverterSet([])
         self.wrapper = ModelWrapper(model_parts, converters=self.converters)
         # A transformers model needs no adapter: its names are HF's
         # (ckpt_core.content.hf_native).

@@ -7,12 +7,14 @@ nested pydantic ``Config`` and ``__init__(self, config)``; subclassing
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from ckpt_core.deprecation import renamed_attribute
 
-class ConverterConfig(BaseModel):
+
+class ConverterOptions(BaseModel):
     """Base for converter option models: unknown options are an error."""
 
     model_config = ConfigDict(extra="forbid", validate_default=True)
@@ -30,7 +32,7 @@ class Converter:
     #: written for; a ckpt-core that no longer runs it, or does not run it yet, refuses it.
     hook_protocol: ClassVar[int] = 1
 
-    class Config(ConverterConfig):
+    class Config(ConverterOptions):
         """This converter's options (none)."""
 
     def __init__(self, config: Config | None = None) -> None:
@@ -38,3 +40,8 @@ class Converter:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
+
+
+def __getattr__(name: str) -> Any:
+    # An old name (ConverterConfig) still resolves, with a DeprecationWarning naming the new one.
+    return renamed_attribute(__name__, name)

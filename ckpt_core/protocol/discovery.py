@@ -3,7 +3,7 @@
 Listing reads installed distributions' metadata only; a converter's module is
 imported by :meth:`ConverterEntry.load`, i.e. only when a run enables it.
 ``CKPT_DISABLE_PLUGIN_AUTOLOAD=1`` turns discovery off; classes can then be
-added with :func:`register_converter_class` or passed to ``Converters`` by hand.
+added with :func:`register_converter_class` or passed to ``ConverterSet`` by hand.
 Model families (:mod:`ckpt_core.content.families`) are found by :func:`scan_entry_points`
 in their own group, under the same rules.
 """
@@ -151,5 +151,5 @@ def validate_converter_class(cls: Any, name: str | None, distribution: str) -> N
     if not (isinstance(config, type) and issubclass(config, BaseModel)):
         raise PluginError(
             f"{where}: class {cls.__qualname__} needs a nested pydantic 'Config' model "
-            "(subclass ckpt_core.protocol.converter.ConverterConfig)."
+            "(subclass ckpt_core.protocol.converter.ConverterOptions)."
         )

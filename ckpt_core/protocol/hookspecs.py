@@ -3,7 +3,7 @@
 A converter is a class whose instance is registered with one pluggy
 ``PluginManager`` per run (see :mod:`ckpt_core.protocol.plugin_host`). It implements any of
 the hooks below as ``@hookimpl`` methods; a hook it does not implement simply
-takes no part. :class:`ckpt_core.Converters` calls the hooks and composes their
+takes no part. :class:`ckpt_core.ConverterSet` calls the hooks and composes their
 results as each docstring says; trainers never call pluggy directly.
 
 Every docstring states, in this order: what the hook does, when it is called,

@@ -1,4 +1,4 @@
-"""``Converters``: the enabled converters of one run, composed as one object.
+"""``ConverterSet``: the enabled converters of one run, composed as one object.
 
 Each hook of :mod:`ckpt_core.protocol.hookspecs` is a method here that applies the
 composition rule its spec states. Instances are registered with one pluggy
@@ -19,6 +19,7 @@ import pluggy
 from pydantic import ValidationError
 
 from ckpt_core.config import comma_list
+from ckpt_core.deprecation import renamed_attribute
 from ckpt_core.errors import ConfigError, NotEnabledError, PluginError
 from ckpt_core.protocol import hookspecs
 from ckpt_core.protocol.discovery import discover_converters
@@ -58,7 +59,7 @@ def split_list_options(config_cls: Any, raw: Mapping[str, Any] | None) -> dict[s
     return out
 
 
-class Converters:
+class ConverterSet:
     """The enabled converters, in config order, behind one hook-per-method face."""
 
     def __init__(self, converters: Iterable[Any] = ()) -> None:
@@ -93,7 +94,7 @@ class Converters:
     @classmethod
     def from_config(
         cls, enabled: Sequence[str], options: Mapping[str, Mapping[str, Any]] | None = None
-    ) -> Converters:
+    ) -> ConverterSet:
         """Discover, import, validate and instantiate the converters ``enabled`` names."""
         options = dict(options or {})
         if not enabled:
@@ -346,3 +347,8 @@ def check_ordering(names: Sequence[str], classes: Mapping[str, type]) -> None:
                     f"({name!r} wraps what {earlier!r} builds); got {list(names)}. "
                     f"Reorder to put {earlier!r} first."
                 )
+
+
+def __getattr__(name: str) -> Any:
+    # An old name (Converters) still resolves, with a DeprecationWarning naming the new one.
+    return renamed_attribute(__name__, name)

@@ -3,7 +3,7 @@
 :func:`check_converter` runs every rule of :data:`RULES` in turn on one model:
 
 1. the options validate and list (``options-validate-and-list``);
-2. an instance registers with :class:`~ckpt_core.Converters` (``composes``);
+2. an instance registers with :class:`~ckpt_core.ConverterSet` (``composes``);
 3. on the unconverted model ``key_filter`` claims nothing; after ``convert`` it
    claims every key ``convert`` added, and the ``base`` view holds exactly the
    unconverted model's keys;
@@ -32,14 +32,14 @@ from pydantic import BaseModel, ValidationError
 from torch import nn
 
 from ckpt_core.errors import CkptError, first_of
-from ckpt_core.protocol.plugin_host import Converters, split_list_options
+from ckpt_core.protocol.plugin_host import ConverterSet, split_list_options
 from ckpt_core.protocol.state_dict_adapter import StateDictAdapter
 
 #: Rule id → what the rule demands. Every failure message starts with ``[<id>]``.
 RULES: dict[str, str] = {
     "options-validate-and-list": "the options validate (defaults load; unknown and mistyped "
     "options are refused) and list, each with a description",
-    "composes": "an instance registers with Converters under its name",
+    "composes": "an instance registers with ConverterSet under its name",
     "key_filter-claims-nothing-before-convert": "key_filter claims no key of the unconverted model",
     "key_filter-claims-added-keys": "key_filter claims every key that convert adds to the full "
     "view",
@@ -143,13 +143,13 @@ class _Subject:
             self.cls = name_or_class
             self.name = str(getattr(name_or_class, "name", name_or_class))
 
-    def build(self) -> Converters:
-        """The enabled converter as a run gets it (``Converters.from_config`` for a name)."""
+    def build(self) -> ConverterSet:
+        """The enabled converter as a run gets it (``ConverterSet.from_config`` for a name)."""
         if self.by_name:
-            return Converters.from_config([self.name], {self.name: self.options})
+            return ConverterSet.from_config([self.name], {self.name: self.options})
         config = self.cls.Config(**split_list_options(self.cls.Config, self.options))
         try:
-            return Converters([self.cls(config)])
+            return ConverterSet([self.cls(config)])
         except CkptError as exc:
             raise _fail("composes", self.name, str(exc)) from exc
 
@@ -191,7 +191,7 @@ class _Subject:
     def _check_unknown_refused(self, rule: str) -> None:
         if self.by_name:
             try:
-                Converters.from_config([self.name], {self.name: {_NOT_AN_OPTION: 1}})
+                ConverterSet.from_config([self.name], {self.name: {_NOT_AN_OPTION: 1}})
             except CkptError as exc:
                 if _NOT_AN_OPTION not in str(exc):
                     raise _fail(
@@ -422,7 +422,7 @@ class _Run:
     # -- helpers ----------------------------------------------------------------
 
     @staticmethod
-    def train_one_step(model: nn.Module, convs: Converters) -> torch.optim.Optimizer:
+    def train_one_step(model: nn.Module, convs: ConverterSet) -> torch.optim.Optimizer:
         """One AdamW step on seeded gradients, then ``post_optimizer_step``."""
         optimizer = _optimizer(model)
         gen = torch.Generator().manual_seed(1234)

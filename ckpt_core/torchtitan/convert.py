@@ -142,13 +142,13 @@ def from_torchtitan_step(
 def _export_hf(native, family, config, adapter, target: str, *, dtype, step: int) -> None:
     from ckpt_core.content.model_wrapper import ModelWrapper
     from ckpt_core.policy.exporter import write_export
-    from ckpt_core.protocol.plugin_host import Converters
+    from ckpt_core.protocol.plugin_host import ConverterSet
 
     model = family.build_model(config)
-    wrapper = ModelWrapper(model, converters=Converters([]))
+    wrapper = ModelWrapper(model, converters=ConverterSet([]))
     wrapper.load_state_dict(native, strict=True)
     write_export(
-        wrapper, target, fmt="hf", dtype=dtype, sd_adapter=adapter, converters=Converters([]),
+        wrapper, target, fmt="hf", dtype=dtype, sd_adapter=adapter, converters=ConverterSet([]),
         step=step,
     )  # fmt: skip
 

@@ -30,13 +30,18 @@ import time
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 
 from ckpt_core.errors import ConfigError
 from ckpt_core.trainer.config import TrainConfig
 from ckpt_core.trainer.launch import Dist
+from ckpt_core.trainer.parallel import (
+    build_mesh,
+    clip_grad_norm,
+    data_parallel,
+    dp_mean,
+    parallelize,
+)
 
 logger = logging.getLogger("ckpt_core.trainer")
 
@@ -110,7 +115,7 @@ def prepare(cfg: TrainConfig) -> TrainConfig:
 
     Returns a copy of ``cfg``; raises :class:`ConfigError` on bad input.
     """
-    from ckpt_core.protocol.plugin_host import Converters
+    from ckpt_core.protocol.plugin_host import ConverterSet
 
     cfg = cfg.model_copy(deep=True)
     _, hf_folder = model_source(cfg)
@@ -119,7 +124,7 @@ def prepare(cfg: TrainConfig) -> TrainConfig:
         cfg.checkpoint.initial_load.format = "hf"
         cfg.checkpoint.initial_load.model_only = True
     # Import and validate the converters now: unknown names and bad options fail here.
-    Converters.from_config(cfg.converters.enabled, cfg.converters.options)
+    ConverterSet.from_config(cfg.converters.enabled, cfg.converters.options)
     return cfg
 
 
@@ -137,32 +142,6 @@ def warmup_schedule(warmup_steps: int):
     return factor
 
 
-def parallelize(model: nn.Module, dist_info: Dist) -> nn.Module:
-    """FSDP2: one unit per transformer block plus the root (only with several ranks).
-
-    One rank trains the plain module: DCP reshards a checkpoint saved by FSDP2 on
-    N ranks into plain tensors, so N -> 1 resumes work either way.
-    """
-    if dist_info.world_size == 1:
-        return model
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh(dist_info.device.type, (dist_info.world_size,))
-    for block in model.layers.values():
-        fully_shard(block, mesh=mesh, shard_placement_fn=_shard_placement)
-    fully_shard(model, mesh=mesh)
-    return model
-
-
-def _shard_placement(param: nn.Parameter) -> Any:
-    """Stacked experts (3-D) shard along their second dimension, so each expert
-    is a plain row-sharded tensor for HF exports and loads; others: FSDP's default."""
-    from torch.distributed.tensor import Shard
-
-    return Shard(1) if param.dim() == 3 else None
-
-
 def set_determinism(seed: int, deterministic: bool) -> None:
     """Fixed seeds; deterministic kernels where torch has them."""
     if deterministic:
@@ -173,22 +152,13 @@ def set_determinism(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
 
 
-def global_mean(value: torch.Tensor, world_size: int) -> float:
-    """The mean of a scalar over ranks (gloo/NCCL sum order is fixed per world size)."""
-    if world_size == 1:
-        return float(value.detach())
-    t = value.detach().clone()
-    dist.all_reduce(t)
-    return float(t / world_size)
-
-
 # -- the run -------------------------------------------------------------------
 
 
 def train(cfg: TrainConfig, dist_info: Dist) -> dict[str, Any]:
     """Run (or resume) training as ``cfg`` says; returns a small summary (rank 0's view)."""
     from ckpt_core.policy.manager import CheckpointManager
-    from ckpt_core.protocol.plugin_host import Converters
+    from ckpt_core.protocol.plugin_host import ConverterSet
     from ckpt_core.trainer.data import SyntheticTokens
     from ckpt_core.trainer.metrics import MetricsWriter
     from ckpt_core.trainer.progress import Progress
@@ -208,10 +178,12 @@ def train(cfg: TrainConfig, dist_info: Dist) -> dict[str, Any]:
         raise ConfigError(
             f"training.seq_len = {tcfg.seq_len} exceeds the model's max_seq_len {max_seq_len}."
         )
-    converters = Converters.from_config(cfg.converters.enabled, cfg.converters.options)
+    converters = ConverterSet.from_config(cfg.converters.enabled, cfg.converters.options)
     converters.convert(model)
     model.to(dist_info.device)
-    model = parallelize(model, dist_info)
+    mesh = build_mesh(cfg.parallelism.degrees(dist_info.world_size), dist_info.device.type)
+    model = parallelize(model, mesh, cfg.parallelism)
+    dp_rank, dp_degree = data_parallel(mesh)
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -225,8 +197,8 @@ def train(cfg: TrainConfig, dist_info: Dist) -> dict[str, Any]:
         seq_len=tcfg.seq_len,
         batch_size=tcfg.batch_size,
         seed=tcfg.seed,
-        rank=dist_info.rank,
-        world_size=dist_info.world_size,
+        rank=dp_rank,  # TP ranks of one data-parallel group read the same batch
+        world_size=dp_degree,
         device=dist_info.device,
     )
     manager = CheckpointManager(
@@ -278,7 +250,7 @@ def train(cfg: TrainConfig, dist_info: Dist) -> dict[str, Any]:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
             loss.backward()
             if tcfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
+                clip_grad_norm(params, tcfg.max_grad_norm)
             manager.maybe_wait_for_staging()
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -287,7 +259,7 @@ def train(cfg: TrainConfig, dist_info: Dist) -> dict[str, Any]:
             converters.post_optimizer_step([model])
             state.step = step
             state.tokens_seen += tokens_per_step
-            last_loss = global_mean(loss, dist_info.world_size)
+            last_loss = dp_mean(loss, mesh)
             seconds = time.perf_counter() - t0
             metrics.write(
                 {

@@ -6,12 +6,12 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from ckpt_core.plugin_api import ConverterConfig
+from ckpt_core.plugin_api import ConverterOptions
 
 RECIPES = ("tensorwise", "rowwise")
 
 
-class Float8Config(ConverterConfig):
+class Float8Config(ConverterOptions):
     """``[converters.float8]``."""
 
     recipe: Literal["tensorwise", "rowwise"] = Field(

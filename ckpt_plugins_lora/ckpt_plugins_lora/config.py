@@ -6,12 +6,12 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from ckpt_core.plugin_api import ConverterConfig, comma_list
+from ckpt_core.plugin_api import ConverterOptions, comma_list
 
 DEFAULT_TARGETS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
 
 
-class LoRAConfig(ConverterConfig):
+class LoRAConfig(ConverterOptions):
     """``[converters.lora]``."""
 
     rank: int = Field(8, gt=0, description="Rank r of the A (r×in) and B (out×r) matrices.")

@@ -6,14 +6,14 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from ckpt_core.plugin_api import ConverterConfig
+from ckpt_core.plugin_api import ConverterOptions
 
 DEFAULT_TARGETS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
 #: Leaf names that must stay unquantized (the output projection / ``lm_head``).
 NEVER_TARGETED = ("output", "lm_head", "tok_embeddings", "embed_tokens")
 
 
-class QATConfig(ConverterConfig):
+class QATConfig(ConverterOptions):
     """``[converters.qat]``."""
 
     scheme: Literal["int4_weight_only", "int8_dynamic_act_int4_weight", "int8_weight_only"] = Field(

@@ -124,9 +124,9 @@ def train_step(tokens=batch):
 _TRAINER = (
     _TINY_LLAMA
     + """
-from ckpt_core import Converters
+from ckpt_core import ConverterSet
 
-converters = Converters.from_config(["lora"], {"lora": {"rank": 4}})
+converters = ConverterSet.from_config(["lora"], {"lora": {"rank": 4}})
 converters.convert(model)
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 sched = torch.optim.lr_scheduler.LinearLR(opt)

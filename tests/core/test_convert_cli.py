@@ -77,11 +77,11 @@ def test_convert_refuses_a_file_source_and_an_overwrite_that_would_delete_the_so
 
 
 def test_converters_recorded_but_not_applied_are_named_in_a_warning(tmp_path, caplog):
-    from ckpt_core import CheckpointConfig, CheckpointManager, Converters
+    from ckpt_core import CheckpointConfig, CheckpointManager, ConverterSet
     from tests.core._export_converters import SidecarConverter
 
     model = build_model(ARGS)
-    converters = Converters([SidecarConverter()])
+    converters = ConverterSet([SidecarConverter()])
     converters.convert(model)
     config = CheckpointConfig(folder=str(tmp_path / "ckpt"), export={"enable": False})
     manager = CheckpointManager(config, model, converters=converters)
@@ -208,9 +208,9 @@ def codes_converter():
 def test_convert_applies_the_converters_recorded_in_the_manifest(tmp_path, codes_converter):
     import torch.distributed.checkpoint as dcp
 
-    from ckpt_core import Converters
+    from ckpt_core import ConverterSet
 
-    converters = Converters.from_config(["intcodes", "sidecar"])
+    converters = ConverterSet.from_config(["intcodes", "sidecar"])
     model = build_model(ARGS)
     converters.convert(model)
     step = tmp_path / "ckpt" / "step-7"
@@ -248,11 +248,11 @@ def test_convert_of_a_lora_checkpoint_writes_a_merged_model_and_its_peft_adapter
     pytest.importorskip("ckpt_plugins_lora")
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
-    from ckpt_core import CheckpointConfig, CheckpointManager, Converters
+    from ckpt_core import CheckpointConfig, CheckpointManager, ConverterSet
 
     torch.manual_seed(0)
     model = build_model(ARGS).eval()
-    converters = Converters.from_config(["lora"], {"lora": {"rank": 4, "alpha": 8}})
+    converters = ConverterSet.from_config(["lora"], {"lora": {"rank": 4, "alpha": 8}})
     converters.convert(model)
     with torch.no_grad():  # trained factors: B != 0, so merging changes the weights
         for name, p in model.named_parameters():
@@ -304,11 +304,11 @@ def test_convert_shows_reading_and_writing_progress_by_default(tmp_path, capsys)
 
 @pytest.mark.parametrize("fmt", ["hf", "dcp"])
 def test_export_progress_adds_up_to_the_announced_total(tmp_path, fmt):
-    from ckpt_core import Converters
+    from ckpt_core import ConverterSet
     from tests.core._export_converters import IntCodesConverter, SidecarConverter
 
     model = build_model(ARGS)
-    converters = Converters([IntCodesConverter(), SidecarConverter()])
+    converters = ConverterSet([IntCodesConverter(), SidecarConverter()])
     converters.convert(model)
     totals, done = [], []
     write_export(
@@ -376,9 +376,9 @@ def test_a_registered_model_family_is_picked_from_config_json_and_the_manifest(
 def test_an_hf_export_converts_as_it_is_without_reapplying_its_converters(
     tmp_path, codes_converter
 ):
-    from ckpt_core import Converters
+    from ckpt_core import ConverterSet
 
-    converters = Converters.from_config(["sidecar"])
+    converters = ConverterSet.from_config(["sidecar"])
     model = build_model(ARGS)
     converters.convert(model)
     write_export(
@@ -447,14 +447,14 @@ def test_convert_of_an_owned_only_lora_checkpoint_reads_its_base_from_the_manife
     tmp_path, capsys
 ):
     pytest.importorskip("ckpt_plugins_lora")
-    from ckpt_core import CheckpointConfig, CheckpointManager, Converters
+    from ckpt_core import CheckpointConfig, CheckpointManager, ConverterSet
     from ckpt_core.storage.safe_metadata import read_metadata
 
     base = str(tmp_path / "base")
     save_hf_llama(base)
     model = build_model(base)
     options = {"rank": 4, "alpha": 8, "trainable_only_checkpoints": True}
-    converters = Converters.from_config(["lora"], {"lora": options})
+    converters = ConverterSet.from_config(["lora"], {"lora": options})
     converters.convert(model)
     config = CheckpointConfig(
         folder=str(tmp_path / "ckpt"),
@@ -512,11 +512,11 @@ def test_converters_named_for_an_export_take_their_options_from_its_manifest():
 
 
 def test_a_recorded_converter_that_is_not_installed_names_the_converters_flag(tmp_path, capsys):
-    from ckpt_core import CheckpointConfig, CheckpointManager, Converters
+    from ckpt_core import CheckpointConfig, CheckpointManager, ConverterSet
     from tests.core._export_converters import SidecarConverter
 
     model = build_model(ARGS)
-    converters = Converters([SidecarConverter()])  # registered by hand: not discoverable
+    converters = ConverterSet([SidecarConverter()])  # registered by hand: not discoverable
     converters.convert(model)
     config = CheckpointConfig(folder=str(tmp_path / "ckpt"), export={"enable": False})
     manager = CheckpointManager(

@@ -80,14 +80,14 @@ def test_hf_to_dcp_to_hf_is_bit_exact_for_transformers_model_types(tmp_path, mod
 
 def test_dcp_to_dcp_casts_and_applies_the_recorded_converters_like_dcp_to_hf(tmp_path):
     pytest.importorskip("ckpt_plugins_lora")
-    from ckpt_core import CheckpointConfig, CheckpointManager, Converters
+    from ckpt_core import CheckpointConfig, CheckpointManager, ConverterSet
     from ckpt_core.reference import LlamaStateDictAdapter, ModelArgs, build_model
     from ckpt_core.storage.safe_metadata import read_metadata, safe_load
 
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96)
     torch.manual_seed(0)
     model = build_model(args)
-    converters = Converters.from_config(["lora"], {"lora": {"rank": 4, "alpha": 8}})
+    converters = ConverterSet.from_config(["lora"], {"lora": {"rank": 4, "alpha": 8}})
     converters.convert(model)
     with torch.no_grad():  # trained factors: merging changes the weights
         for name, p in model.named_parameters():

@@ -15,11 +15,11 @@ CHECK = textwrap.dedent(
     """
     import json, torch
     from torch import nn
-    from ckpt_core import Converters, ModelWrapper
+    from ckpt_core import ConverterSet, ModelWrapper
     from ckpt_core.cli.plugins_cmd import collect
 
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
-    convs = Converters.from_config(["ema"], {"ema": {"decay": 0.5}})
+    convs = ConverterSet.from_config(["ema"], {"ema": {"decay": 0.5}})
     convs.convert(model)
     w = ModelWrapper(model, converters=convs)
     with torch.no_grad():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ckpt_core import CheckpointError, Converters, ModelWrapper
+from ckpt_core import CheckpointError, ConverterSet, ModelWrapper
 from ckpt_core.policy.exporter import load_additional, write_export
 from ckpt_core.reference import LlamaStateDictAdapter, ModelArgs, build_model
 from ckpt_core.storage import manifest
@@ -52,7 +52,7 @@ def _export(model, path, converters=None, **kwargs):
 
 def test_bf16_export_casts_every_floating_tensor_and_no_integer_one(tmp_path):
     model = _model()
-    converters = Converters([IntCodesConverter()])
+    converters = ConverterSet([IntCodesConverter()])
     converters.convert(model)
     _export(model, tmp_path / "step-3", converters)
     tensors = _read_folder(tmp_path / "step-3")
@@ -129,7 +129,7 @@ def test_tensors_sharing_memory_are_each_written_and_the_export_loads(tmp_path):
 
 def test_subfolder_adapter_writes_its_keys_from_the_full_view_and_loads_back(tmp_path):
     model = _model()
-    converters = Converters([SidecarConverter()])
+    converters = ConverterSet([SidecarConverter()])
     converters.convert(model)
     _export(model, tmp_path / "exp", converters, dtype="float32")
     main = _read_folder(tmp_path / "exp")
@@ -148,7 +148,7 @@ def test_subfolder_adapter_writes_its_keys_from_the_full_view_and_loads_back(tmp
     assert set(dcp_keys) == set(main)
 
     fresh = _model(seed=1)
-    fresh_convs = Converters([SidecarConverter()])
+    fresh_convs = ConverterSet([SidecarConverter()])
     fresh_convs.convert(fresh)
     wrapper = ModelWrapper(fresh, fresh_convs)
     adapter = LlamaStateDictAdapter(fresh.args)
@@ -185,7 +185,7 @@ def test_additional_load_that_matches_no_key_is_an_error_not_a_silent_no_op(tmp_
     from safetensors.torch import save_file
 
     model = _model()
-    converters = Converters([SidecarConverter()])
+    converters = ConverterSet([SidecarConverter()])
     converters.convert(model)
     before = model.layers["0"].attention.wq.sidecar.weight.detach().clone()
     folder = tmp_path / "adapter"
@@ -246,7 +246,7 @@ def test_dcp_export_is_model_only_in_the_model_layout(tmp_path):
     import torch.distributed.checkpoint as dcp
 
     model = _model()
-    converters = Converters([IntCodesConverter()])
+    converters = ConverterSet([IntCodesConverter()])
     converters.convert(model)
     _export(model, tmp_path / "step-3", converters, fmt="dcp")
     meta = dcp.FileSystemReader(str(tmp_path / "step-3")).read_metadata()
@@ -259,7 +259,7 @@ def test_dcp_export_is_model_only_in_the_model_layout(tmp_path):
 
 def test_an_export_leaves_the_model_state_bit_identical(tmp_path):
     model = _model()
-    converters = Converters([IntCodesConverter(), SidecarConverter()])
+    converters = ConverterSet([IntCodesConverter(), SidecarConverter()])
     converters.convert(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     _export(model, tmp_path / "a", converters)

@@ -147,13 +147,13 @@ def test_from_pretrained_reads_a_sharded_bf16_folder_into_fp32(tmp_path):
 
 
 def test_hf_base_load_leaves_converter_owned_keys_as_initialized(tmp_path):
-    from ckpt_core import Converters
+    from ckpt_core import ConverterSet
     from tests.core._export_converters import SidecarConverter
 
     hf = hf_llama()
     hf.save_pretrained(str(tmp_path))
     model = build_model(str(tmp_path))
-    converters = Converters([SidecarConverter()])
+    converters = ConverterSet([SidecarConverter()])
     converters.convert(model)
     sidecar = model.layers["0"].attention.wq.sidecar.weight.clone()
     adapter = LlamaStateDictAdapter(model.args)

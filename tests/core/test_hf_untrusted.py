@@ -396,12 +396,12 @@ def test_an_adapter_config_symlinked_out_is_refused(tmp_path):
 
 
 def test_a_converter_subfolder_symlinked_out_of_the_export_is_refused(tmp_path):
-    from ckpt_core import Converters
+    from ckpt_core import ConverterSet
     from ckpt_core.reference import ModelArgs
     from tests.core._export_converters import SidecarConverter
 
     model = build_model(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=32, ffn_hidden_dim=64))
-    converters = Converters([SidecarConverter()])
+    converters = ConverterSet([SidecarConverter()])
     converters.convert(model)
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "export").mkdir()

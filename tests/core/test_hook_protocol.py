@@ -8,7 +8,7 @@ import warnings
 import pluggy
 import pytest
 
-from ckpt_core import Converter, Converters, PluginError, hookimpl
+from ckpt_core import Converter, ConverterSet, PluginError, hookimpl
 from ckpt_core.protocol.hookspecs import (
     HOOK_PROTOCOL_VERSION,
     OLDEST_HOOK_PROTOCOL,
@@ -27,7 +27,7 @@ class Plain(Converter):
 
 def test_a_converter_that_says_nothing_is_taken_as_written_for_protocol_one():
     assert Plain.hook_protocol == 1 <= HOOK_PROTOCOL_VERSION
-    assert Converters([Plain()]).names == ["plain"]
+    assert ConverterSet([Plain()]).names == ["plain"]
 
 
 def test_a_converter_written_for_a_newer_protocol_is_refused_naming_the_upgrade(monkeypatch):
@@ -35,7 +35,7 @@ def test_a_converter_written_for_a_newer_protocol_is_refused_naming_the_upgrade(
         hook_protocol = HOOK_PROTOCOL_VERSION + 1
 
     with pytest.raises(PluginError, match=r"'plain' was written for hook protocol 2.*upgrade"):
-        Converters([Future()])
+        ConverterSet([Future()])
 
 
 def test_a_converter_written_for_a_protocol_no_longer_run_is_refused(monkeypatch):
@@ -43,7 +43,7 @@ def test_a_converter_written_for_a_protocol_no_longer_run_is_refused(monkeypatch
     monkeypatch.setattr(f"{spec}.OLDEST_HOOK_PROTOCOL", OLDEST_HOOK_PROTOCOL + 1)
     monkeypatch.setattr(f"{spec}.HOOK_PROTOCOL_VERSION", OLDEST_HOOK_PROTOCOL + 1)
     with pytest.raises(PluginError, match="no longer runs .*upgrade the plugin"):
-        Converters([Plain()])
+        ConverterSet([Plain()])
 
 
 def test_a_hook_marked_deprecated_warns_when_a_converter_implements_it():

@@ -142,3 +142,47 @@ def test_monkeypatching_an_old_path_reaches_the_code(monkeypatch):
 
     monkeypatch.setattr(adapters, "_manual", {"x": None})
     assert families._manual == {"x": None}
+
+
+# Renamed public names: (module that exported the old name, old name, new name).
+RENAMED = [
+    ("ckpt_core", "Converters", "ConverterSet"),
+    ("ckpt_core", "ConverterConfig", "ConverterOptions"),
+    ("ckpt_core.plugin_api", "ConverterConfig", "ConverterOptions"),
+    ("ckpt_core.protocol.plugin_host", "Converters", "ConverterSet"),
+    ("ckpt_core.protocol.converter", "ConverterConfig", "ConverterOptions"),
+    ("ckpt_core.plugins", "Converters", "ConverterSet"),
+    ("ckpt_core.converter", "ConverterConfig", "ConverterOptions"),
+]
+
+
+@pytest.mark.parametrize("module, old, new", RENAMED)
+def test_an_old_name_warns_with_the_new_one_and_is_the_same_object(module, old, new):
+    mod = importlib.import_module(module)
+    with pytest.warns(DeprecationWarning, match=rf"{old} is renamed \S*\.{new};"):
+        value = getattr(mod, old)
+    assert value is getattr(ckpt_core, new)
+    assert old not in getattr(mod, "__all__", ())
+
+
+def test_code_written_against_the_old_names_still_runs():
+    with pytest.warns(DeprecationWarning):
+        from ckpt_core import ConverterConfig, Converters
+
+    class Tag(ckpt_core.Converter):
+        name = "tag"
+
+        class Config(ConverterConfig):
+            suffix: str = "x"
+
+    convs = Converters([Tag(Tag.Config(suffix="y"))])
+    assert isinstance(convs, ckpt_core.ConverterSet) and convs.names == ["tag"]
+    with pytest.raises(ValueError, match="bogus"):
+        Tag.Config(bogus=1)  # still the strict options base
+
+
+def test_a_name_that_was_never_exported_is_still_an_attribute_error():
+    with pytest.raises(AttributeError, match="Converters"):
+        ckpt_core.plugin_api.Converters  # noqa: B018
+    with pytest.raises(AttributeError, match="Nope"):
+        ckpt_core.Nope  # noqa: B018

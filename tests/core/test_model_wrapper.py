@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-from ckpt_core import CheckpointError, Converter, Converters, ModelWrapper, hookimpl
+from ckpt_core import CheckpointError, Converter, ConverterSet, ModelWrapper, hookimpl
 
 
 class Block(nn.Module):
@@ -45,7 +45,7 @@ class Adapter(Converter):
 
 def test_views_split_converter_keys_and_skip_non_persistent_buffers():
     model = Block()
-    convs = Converters([Adapter()])
+    convs = ConverterSet([Adapter()])
     convs.convert(model)
     wrapper = ModelWrapper(model, converters=convs)
     full, base, export = (wrapper.state_dict(v) for v in ("full", "base", "export"))

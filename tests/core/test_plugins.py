@@ -9,17 +9,17 @@ import pytest
 import torch
 from torch import nn
 
-from ckpt_core import ConfigError, Converter, Converters, PluginError, hookimpl
+from ckpt_core import ConfigError, Converter, ConverterSet, PluginError, hookimpl
 from ckpt_core.protocol.discovery import discover_converters
 
 GOOD = """
 from typing import ClassVar
 from pydantic import Field
-from ckpt_core import Converter, ConverterConfig, hookimpl
+from ckpt_core import Converter, ConverterOptions, hookimpl
 
 class Tag(Converter):
     name: ClassVar[str] = "tag"
-    class Config(ConverterConfig):
+    class Config(ConverterOptions):
         suffix: str = Field("x", description="suffix")
     @hookimpl
     def key_filter(self, fqn):
@@ -55,7 +55,7 @@ class Recorder(Converter):
 
 def test_hooks_compose_in_config_order_and_transforms_in_reverse():
     Recorder.calls = []
-    convs = Converters([Recorder(name="a"), Recorder(name="b")])
+    convs = ConverterSet([Recorder(name="a"), Recorder(name="b")])
     convs.convert(nn.Linear(2, 2))
     out = convs.state_dict_transform({})
     convs.post_optimizer_step([nn.Linear(2, 2)])
@@ -72,7 +72,7 @@ def test_hooks_compose_in_config_order_and_transforms_in_reverse():
 
 def test_unknown_converter_lists_installed_ones_and_the_distribution():
     with pytest.raises(ConfigError) as err:
-        Converters.from_config(["lorra"])
+        ConverterSet.from_config(["lorra"])
     msg = str(err.value)
     assert "unknown converter 'lorra'. Did you mean 'lora'?" in msg
     installed = msg.split("Installed converters: ", 1)[1].split(".", 1)[0].split(", ")
@@ -82,22 +82,22 @@ def test_unknown_converter_lists_installed_ones_and_the_distribution():
 
 def test_invalid_option_names_converter_option_and_reason():
     with pytest.raises(ConfigError) as err:
-        Converters.from_config(["lora"], {"lora": {"rank": 0, "bogus": 1}})
+        ConverterSet.from_config(["lora"], {"lora": {"rank": 0, "bogus": 1}})
     msg = str(err.value)
     assert "Converter 'lora' option 'rank'" in msg
     assert "Converter 'lora' option 'bogus': unknown option; options: rank, alpha" in msg
 
 
 def test_list_options_given_as_comma_separated_text_become_lists():
-    convs = Converters.from_config(["qat", "lora"], {"qat": {"targets": "wq, wv"}})
+    convs = ConverterSet.from_config(["qat", "lora"], {"qat": {"targets": "wq, wv"}})
     assert convs["qat"].config.targets == ["wq", "wv"]
     with pytest.raises(ConfigError, match="Converter 'lora' option 'rank'"):
-        Converters.from_config(["lora"], {"lora": {"rank": "8,9"}})  # not a list option
+        ConverterSet.from_config(["lora"], {"lora": {"rank": "8,9"}})  # not a list option
 
 
 def test_ordering_constraint_names_both_converters():
     with pytest.raises(ConfigError) as err:
-        Converters.from_config(["lora", "qat"])
+        ConverterSet.from_config(["lora", "qat"])
     assert "'qat' must come before 'lora'" in str(err.value)
 
 
@@ -106,7 +106,7 @@ def test_discovery_finds_an_installed_distribution_and_imports_lazily(fake_dist)
     found = discover_converters()
     assert found["tag"].distribution == "tag-dist"
     assert "tagmod" not in sys.modules  # listing does not import
-    convs = Converters.from_config(["tag"], {"tag": {"suffix": "y"}})
+    convs = ConverterSet.from_config(["tag"], {"tag": {"suffix": "y"}})
     assert convs["tag"].config.suffix == "y"
     assert convs.key_filter("a.tag") and not convs.key_filter("a.weight")
 
@@ -115,19 +115,19 @@ def test_two_distributions_claiming_one_name_is_an_error_naming_both(fake_dist):
     fake_dist("first-dist", {"tag": "tagmod:Tag"}, {"tagmod": GOOD})
     fake_dist("second-dist", {"tag": "othermod:Tag"}, {"othermod": GOOD})
     with pytest.raises(PluginError) as err:
-        Converters.from_config(["tag"])
+        ConverterSet.from_config(["tag"])
     msg = str(err.value)
     assert "'tag' is claimed by two distributions" in msg
     assert "'first-dist' (tagmod:Tag)" in msg and "'second-dist' (othermod:Tag)" in msg
-    assert Converters.from_config(["lora"]).names == ["lora"]  # other runs are unaffected
+    assert ConverterSet.from_config(["lora"]).names == ["lora"]  # other runs are unaffected
     assert "tagmod" not in sys.modules and "othermod" not in sys.modules
 
 
 def test_plugin_that_fails_to_import_breaks_only_runs_that_enable_it(fake_dist):
     fake_dist("broken-dist", {"broken": "brokenmod:X"}, {"brokenmod": "raise ImportError('no')"})
-    Converters.from_config(["lora"])  # unaffected
+    ConverterSet.from_config(["lora"])  # unaffected
     with pytest.raises(PluginError) as err:
-        Converters.from_config(["broken"])
+        ConverterSet.from_config(["broken"])
     assert "broken-dist" in str(err.value) and "ImportError" in str(err.value)
 
 
@@ -135,17 +135,17 @@ def test_class_without_config_or_name_is_rejected(fake_dist):
     src = "class NoConfig:\n    name = 'nocfg'\n"
     fake_dist("nocfg-dist", {"nocfg": "nocfgmod:NoConfig"}, {"nocfgmod": src})
     with pytest.raises(PluginError, match="Config"):
-        Converters.from_config(["nocfg"])
+        ConverterSet.from_config(["nocfg"])
     src1 = "class NoName:\n    class Config:\n        pass\n"
     fake_dist("noname-dist", {"noname": "nonamemod:NoName"}, {"nonamemod": src1})
     with pytest.raises(PluginError) as err:
-        Converters.from_config(["noname"])
+        ConverterSet.from_config(["noname"])
     assert "'noname'" in str(err.value) and "noname-dist" in str(err.value)
     assert "no string 'name'" in str(err.value)
     src2 = GOOD.replace('name: ClassVar[str] = "tag"', 'name: ClassVar[str] = "other"')
     fake_dist("misnamed-dist", {"misnamed": "misnamedmod:Tag"}, {"misnamedmod": src2})
     with pytest.raises(PluginError, match="'other'"):
-        Converters.from_config(["misnamed"])
+        ConverterSet.from_config(["misnamed"])
 
 
 def test_hookimpl_with_wrong_signature_names_plugin_and_hook():
@@ -157,7 +157,7 @@ def test_hookimpl_with_wrong_signature_names_plugin_and_hook():
             return False
 
     with pytest.raises(PluginError) as err:
-        Converters([Bad()])
+        ConverterSet([Bad()])
     assert "bad" in str(err.value) and "key_filter" in str(err.value)
 
 
@@ -170,7 +170,7 @@ def test_hookimpl_matching_no_spec_is_rejected():
             return state_dict
 
     with pytest.raises(PluginError, match="state_dict_transfrom"):
-        Converters([Typo()])
+        ConverterSet([Typo()])
 
 
 def test_a_hook_method_without_the_hookimpl_marker_is_refused():
@@ -181,7 +181,7 @@ def test_a_hook_method_without_the_hookimpl_marker_is_refused():
             return True
 
     with pytest.raises(PluginError, match="'unmarked' defines key_filter\\(\\) without"):
-        Converters([Unmarked()])
+        ConverterSet([Unmarked()])
 
 
 def test_key_claimed_by_two_converters_names_key_and_both():
@@ -194,7 +194,7 @@ def test_key_claimed_by_two_converters_names_key_and_both():
         def key_filter(self, fqn):
             return fqn == "w"
 
-    convs = Converters([Own("one"), Own("two")])
+    convs = ConverterSet([Own("one"), Own("two")])
     with pytest.raises(PluginError) as err:
         convs.key_filter("w")
     assert "'w'" in str(err.value) and "'one'" in str(err.value) and "'two'" in str(err.value)
@@ -209,14 +209,14 @@ def test_hook_that_raises_is_reported_with_converter_and_hook():
             raise RuntimeError("kaput")
 
     with pytest.raises(PluginError, match="'boom' hook 'convert' raised RuntimeError: kaput"):
-        Converters([Boom()]).convert(nn.Linear(1, 1))
+        ConverterSet([Boom()]).convert(nn.Linear(1, 1))
 
 
 def test_disable_autoload_hides_entry_points(monkeypatch):
     monkeypatch.setenv("CKPT_DISABLE_PLUGIN_AUTOLOAD", "1")
     assert "lora" not in discover_converters()
     with pytest.raises(ConfigError, match="unknown converter 'lora'"):
-        Converters.from_config(["lora"])
+        ConverterSet.from_config(["lora"])
 
 
 def test_trace_env_logs_every_hook_call_with_arguments_and_result(monkeypatch, caplog):
@@ -224,7 +224,7 @@ def test_trace_env_logs_every_hook_call_with_arguments_and_result(monkeypatch, c
     monkeypatch.setattr(trace, "level", logging.NOTSET)
     monkeypatch.setattr(logging.getLogger(), "level", logging.WARNING)  # nothing configured
     monkeypatch.setenv("CKPT_TRACE_PLUGINS", "1")
-    convs = Converters([Recorder(name="t")])
+    convs = ConverterSet([Recorder(name="t")])
     convs.state_dict_transform({"k": torch.ones(1)})
     convs.key_filter("some.key")
     text = caplog.text
@@ -236,7 +236,7 @@ def test_trace_env_logs_every_hook_call_with_arguments_and_result(monkeypatch, c
 
 def test_without_the_trace_env_hook_calls_are_not_logged(monkeypatch, caplog):
     monkeypatch.delenv("CKPT_TRACE_PLUGINS", raising=False)
-    convs = Converters([Recorder(name="t")])
+    convs = ConverterSet([Recorder(name="t")])
     with caplog.at_level(logging.DEBUG):
         convs.state_dict_transform({})
     assert "hook state_dict_transform" not in caplog.text
@@ -256,14 +256,14 @@ def test_with_autoload_off_a_class_registered_by_hand_is_found_by_name(monkeypat
     register_converter_class(Manual)
     try:
         assert set(discover_converters()) == {"manual"}
-        convs = Converters.from_config(["manual"])
+        convs = ConverterSet.from_config(["manual"])
         assert convs.key_filter("extra.w") and not convs.key_filter("w")
     finally:
         unregister_converter_class("manual")
     with pytest.raises(ConfigError, match="unknown converter 'manual'"):
-        Converters.from_config(["manual"])
+        ConverterSet.from_config(["manual"])
 
 
 def test_duplicate_converter_names_are_refused():
     with pytest.raises(ConfigError, match="more than once"):
-        Converters([Recorder(name="a"), Recorder(name="a")])
+        ConverterSet([Recorder(name="a"), Recorder(name="a")])

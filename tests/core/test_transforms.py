@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ckpt_core import Converters, ModelWrapper
+from ckpt_core import ConverterSet, ModelWrapper
 from ckpt_core.content.transforms import StateDictTransforms, cast_state_dict, parse_dtype
 from ckpt_core.errors import ConfigError
 from ckpt_core.reference import LlamaStateDictAdapter, build_model
@@ -56,7 +56,7 @@ def test_unknown_export_dtype_lists_the_allowed_ones():
 
 def test_to_hf_routes_keys_to_the_owning_converters_adapter():
     model = build_model("tiny")
-    converters = Converters([IntCodesConverter(), SidecarConverter()])
+    converters = ConverterSet([IntCodesConverter(), SidecarConverter()])
     converters.convert(model)
     wrapper = ModelWrapper(model, converters)
     transforms = StateDictTransforms(LlamaStateDictAdapter(model.args), converters)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ckpt_core import CheckpointError, CkptError, ConfigError, Converters, ModelWrapper
+from ckpt_core import CheckpointError, CkptError, ConfigError, ConverterSet, ModelWrapper
 from ckpt_core.cli import failures
 from ckpt_core.errors import DestinationExistsError, NotEnabledError
 from ckpt_core.policy.exporter import write_export
@@ -16,7 +16,7 @@ from ckpt_core.testing.converter_contract import SameNamesAdapter
 
 def test_a_converter_that_is_not_enabled_is_a_config_error_and_a_key_error():
     with pytest.raises(NotEnabledError) as info:
-        Converters([])["lora"]
+        ConverterSet([])["lora"]
     err = info.value
     assert isinstance(err, ConfigError) and isinstance(err, KeyError)
     assert str(err).startswith("converter 'lora' is not enabled; enabled: none.")

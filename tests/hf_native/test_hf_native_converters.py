@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ckpt_core import Converters
+from ckpt_core import ConverterSet
 from tests.hf_native import _families as f
 
 pytest.importorskip("transformers")
@@ -28,7 +28,7 @@ pytest.importorskip("transformers")
 def trained_and_resumed(family: str, make: Any, tmp_path) -> tuple[Any, Any, dict, dict]:
     """Train 4 steps, then resume a fresh converted model from step 2 to 4.
 
-    ``make()`` returns a new ``Converters``. Returns (model, its converters, the
+    ``make()`` returns a new ``ConverterSet``. Returns (model, its converters, the
     uninterrupted state, the resumed state).
     """
     cfg = f.config(str(tmp_path), export={"folder": f"{tmp_path}/export", "dtype": "float32"})
@@ -61,7 +61,7 @@ def lora(family: str) -> Any:
     from ckpt_plugins_lora import LoRAConverter
 
     options = {"rank": 4, "alpha": 8, "target_modules": LORA_TARGETS[family], "export": "both"}
-    return lambda: Converters([LoRAConverter(LoRAConverter.Config(**options))])
+    return lambda: ConverterSet([LoRAConverter(LoRAConverter.Config(**options))])
 
 
 @pytest.mark.parametrize("family", list(f.FAMILIES))
@@ -101,11 +101,11 @@ def test_lora_merged_export_and_peft_adapter_give_the_trained_logits(family, tmp
 # -- QAT ----------------------------------------------------------------------------
 
 
-def qat() -> Converters:
+def qat() -> ConverterSet:
     from ckpt_plugins_qat import QATConverter
 
     options = {"scheme": "int4_weight_only", "group_size": 32, "targets": f.LINEARS.split(",")}
-    return Converters([QATConverter(QATConverter.Config(**options))])
+    return ConverterSet([QATConverter(QATConverter.Config(**options))])
 
 
 def test_qat_compressed_tensors_export_loads_with_the_fake_quantized_logits(tmp_path):
@@ -129,11 +129,11 @@ def test_qat_compressed_tensors_export_loads_with_the_fake_quantized_logits(tmp_
 # -- Float8 -------------------------------------------------------------------------
 
 
-def float8() -> Converters:
+def float8() -> ConverterSet:
     from ckpt_plugins_float8 import Float8Converter
 
     options = {"emulate": True, "filter_fqns": ["lm_head"]}
-    return Converters([Float8Converter(Float8Converter.Config(**options))])
+    return ConverterSet([Float8Converter(Float8Converter.Config(**options))])
 
 
 def test_float8_resume_is_bit_identical_and_the_export_keeps_the_master_weights(tmp_path):

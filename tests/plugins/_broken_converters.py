@@ -15,7 +15,7 @@ import torch
 from pydantic import ConfigDict
 from torch import nn
 
-from ckpt_core import ConverterConfig, StateDictAdapter, hookimpl
+from ckpt_core import ConverterOptions, StateDictAdapter, hookimpl
 from tests.conftest import REPO_ROOT
 
 # The documented example converter, imported from its source folder.
@@ -164,7 +164,7 @@ class UnmarkedHook(Averaging):
         return fqn.endswith(SUFFIX)
 
 
-class UndescribedConfig(ConverterConfig):
+class UndescribedConfig(ConverterOptions):
     """An option without a description."""
 
     decay: float = 0.5

@@ -15,7 +15,7 @@ from ckpt_plugins_float8.conversion import float8_gpu_present
 from pydantic import ValidationError
 from torch import nn
 
-from ckpt_core import CheckpointConfig, CheckpointManager, Converters, ModelWrapper
+from ckpt_core import CheckpointConfig, CheckpointManager, ConverterSet, ModelWrapper
 from ckpt_core.errors import ConfigError
 from ckpt_core.reference import build_model
 from ckpt_plugins_float8 import Float8Converter
@@ -26,9 +26,9 @@ from torchao.float8.float8_linear import Float8Linear  # noqa: E402
 no_float8_gpu = pytest.mark.skipif(float8_gpu_present(), reason="a float8 GPU is present")
 
 
-def float8(**options) -> Converters:
+def float8(**options) -> ConverterSet:
     options.setdefault("emulate", True)
-    return Converters([Float8Converter(Float8Converter.Config(**options))])
+    return ConverterSet([Float8Converter(Float8Converter.Config(**options))])
 
 
 def tiny(seed: int = 0) -> nn.Module:
@@ -67,9 +67,9 @@ def test_fsdp_float8_all_gather_with_rowwise_is_refused_naming_both_options():
 
 def test_unknown_recipe_and_emulate_values_are_config_errors_naming_option_and_values():
     with pytest.raises(ConfigError, match="option 'recipe'.*'tensorwise' or 'rowwise'"):
-        Converters.from_config(["float8"], {"float8": {"recipe": "blockwise"}})
+        ConverterSet.from_config(["float8"], {"float8": {"recipe": "blockwise"}})
     with pytest.raises(ConfigError) as err:
-        Converters.from_config(["float8"], {"float8": {"emulate": "sometimes"}})
+        ConverterSet.from_config(["float8"], {"float8": {"emulate": "sometimes"}})
     message = str(err.value)
     assert "option 'emulate'" in message and "'auto', true or false" in message
     assert message.count("\n") == 0  # one message, not one per union member
@@ -79,14 +79,14 @@ def test_unknown_recipe_and_emulate_values_are_config_errors_naming_option_and_v
 def test_rowwise_all_gather_error_is_reported_under_the_all_gather_option():
     options = {"recipe": "rowwise", "enable_fsdp_float8_all_gather": True}
     with pytest.raises(ConfigError, match="option 'enable_fsdp_float8_all_gather'"):
-        Converters.from_config(["float8"], {"float8": options})
+        ConverterSet.from_config(["float8"], {"float8": options})
 
 
 @no_float8_gpu
 def test_emulate_auto_emulates_without_a_float8_gpu_and_says_so_once(caplog):
     conv = Float8Converter(Float8Converter.Config())
     with caplog.at_level(logging.INFO, logger="ckpt_plugins_float8"):
-        Converters([conv]).convert([tiny(), tiny()])
+        ConverterSet([conv]).convert([tiny(), tiny()])
     said = [r for r in caplog.records if "emulat" in r.getMessage() and "auto" in r.getMessage()]
     assert len(said) == 1
     assert conv.emulate is True
@@ -139,7 +139,7 @@ def test_convert_swaps_linears_but_skips_output_and_dims_not_divisible_by_16(cap
     model = OddDims()
     conv = Float8Converter(Float8Converter.Config(emulate=True))
     with caplog.at_level(logging.INFO, logger="ckpt_plugins_float8"):
-        Converters([conv]).convert(model)
+        ConverterSet([conv]).convert(model)
     assert isinstance(model.proj, Float8Linear)
     assert type(model.odd) is nn.Linear and type(model.output) is nn.Linear
     assert set(conv.converted) == {"proj"}
@@ -151,7 +151,7 @@ def test_convert_swaps_linears_but_skips_output_and_dims_not_divisible_by_16(cap
 def test_convert_targets_every_reference_linear_except_output():
     model = tiny()
     conv = Float8Converter(Float8Converter.Config(emulate=True))
-    Converters([conv]).convert(model)
+    ConverterSet([conv]).convert(model)
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     assert set(conv.converted) == linears - {"output"}
     assert len(conv.converted) == 14  # 2 layers x (4 attention + 3 feed-forward)
@@ -171,7 +171,7 @@ def test_qat_linears_are_refused_before_any_swap_unless_filtered_out():
     assert not any(isinstance(m, Float8Linear) for m in model.modules())  # nothing swapped
 
     conv = Float8Converter(Float8Converter.Config(emulate=True, filter_fqns=["output", "wq"]))
-    Converters([conv]).convert(model)
+    ConverterSet([conv]).convert(model)
     assert type(model.layers["0"].attention.wq) is fake_quantized  # QAT kept
     assert isinstance(model.layers["0"].attention.wk, Float8Linear)
     assert len(conv.converted) == 12

@@ -13,7 +13,7 @@ from ckpt_plugins_float8.fp8_export import (
 )
 from safetensors import safe_open
 
-from ckpt_core import Converters, ModelWrapper
+from ckpt_core import ConverterSet, ModelWrapper
 from ckpt_core.policy.exporter import write_export
 from ckpt_core.reference import adapter_for, build_model
 from ckpt_plugins_float8 import Float8Converter
@@ -28,7 +28,7 @@ from torchao.float8.float8_utils import tensor_to_scale  # noqa: E402
 def trained(recipe: str, export: str = "fp8", steps: int = 3):
     torch.manual_seed(0)
     model = build_model("tiny")
-    convs = Converters(
+    convs = ConverterSet(
         [Float8Converter(Float8Converter.Config(recipe=recipe, export=export, emulate=True))]
     )
     convs.convert(model)
@@ -125,7 +125,7 @@ def test_fp8_export_view_quantizes_converted_linears_only_and_leaves_the_model_a
 def test_fp8_export_without_convert_is_a_plugin_error_naming_the_fix():
     from ckpt_core.errors import PluginError
 
-    convs = Converters([Float8Converter(Float8Converter.Config(export="fp8", emulate=True))])
+    convs = ConverterSet([Float8Converter(Float8Converter.Config(export="fp8", emulate=True))])
     with pytest.raises(PluginError, match="convert"):
         ModelWrapper(build_model("tiny"), convs).state_dict("export")
 
@@ -135,7 +135,7 @@ def test_fp8_export_of_weights_converted_under_other_names_is_a_plugin_error():
 
     torch.manual_seed(0)
     model = build_model("tiny")
-    convs = Converters([Float8Converter(Float8Converter.Config(export="fp8", emulate=True))])
+    convs = ConverterSet([Float8Converter(Float8Converter.Config(export="fp8", emulate=True))])
     for block in model.layers.values():  # names recorded relative to each block
         convs.convert(block)
     with pytest.raises(PluginError, match=r"7 of their weights.*'attention\.wq\.weight'"):
@@ -162,7 +162,7 @@ def test_adapter_ignores_lm_head_and_skipped_linears_under_hf_names():
     conv = Float8Converter(
         Float8Converter.Config(export="fp8", emulate=True, filter_fqns=["output", "w2"])
     )
-    convs = Converters([conv])
+    convs = ConverterSet([conv])
     convs.convert(model)
     (adapter,) = convs.state_dict_adapters(adapter_for(model)).values()
     assert adapter.subfolder is None
@@ -244,7 +244,7 @@ def test_fp8_export_quantizes_the_lora_merged_weight_when_lora_wraps_float8():
     pytest.importorskip("ckpt_plugins_lora")
     torch.manual_seed(0)
     model = build_model("tiny")
-    convs = Converters.from_config(
+    convs = ConverterSet.from_config(
         ["float8", "lora"], {"float8": {"export": "fp8", "emulate": True}, "lora": {"rank": 4}}
     )
     convs.convert(model)
@@ -253,7 +253,7 @@ def test_fp8_export_quantizes_the_lora_merged_weight_when_lora_wraps_float8():
             if "lora_b" in name:
                 param.normal_(std=0.05)
     full = ModelWrapper(model, convs).state_dict("full")
-    merged = Converters([convs["lora"]]).state_dict_transform(dict(full))
+    merged = ConverterSet([convs["lora"]]).state_dict_transform(dict(full))
     export = ModelWrapper(model, convs).state_dict("export")
     key = "layers.1.attention.wq.weight"
     assert not torch.equal(merged[key], full[key])  # the adapter changed the weight

@@ -18,7 +18,7 @@ from ckpt_plugins_float8.fp8_export import quantize_weight
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ckpt_core import CheckpointConfig, CheckpointManager, Converters, ModelWrapper
+from ckpt_core import CheckpointConfig, CheckpointManager, ConverterSet, ModelWrapper
 from ckpt_core.content.model_wrapper import unwrap_tensor
 from ckpt_core.policy.exporter import write_export
 from ckpt_core.reference import adapter_for, build_model
@@ -44,7 +44,7 @@ def _setup(seed: int):
     torch.manual_seed(seed)
     model = build_model("tiny")
     config = Float8Converter.Config(emulate=True, enable_fsdp_float8_all_gather=True, export="fp8")
-    convs = Converters([Float8Converter(config)])
+    convs = ConverterSet([Float8Converter(config)])
     convs.convert(model)
     mesh = init_device_mesh("cpu", (WORLD,))
     for layer in model.layers.values():
@@ -217,7 +217,7 @@ def test_fp8_export_written_from_two_ranks_loads_in_transformers(fsdp_run):
     torch.manual_seed(5)
     model = build_model("tiny")
     ModelWrapper(model).load_state_dict(load_file(fsdp_run / "full.safetensors"))
-    Converters([Float8Converter(Float8Converter.Config(emulate=True))]).convert(model)
+    ConverterSet([Float8Converter(Float8Converter.Config(emulate=True))]).convert(model)
     hf = transformers.AutoModelForCausalLM.from_pretrained(fsdp_run / "export" / "step-4")
     tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

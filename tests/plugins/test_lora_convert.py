@@ -8,16 +8,16 @@ import pytest
 import torch
 from torch import nn
 
-from ckpt_core import Converters, ModelWrapper
+from ckpt_core import ConverterSet, ModelWrapper
 from ckpt_core.errors import ConfigError
 from ckpt_core.protocol.converter import Converter
 from ckpt_plugins_lora import LoRAConfig, LoRAConverter
 from tests.plugins.lora_support import DIM, VOCAB, TinyLlama, randomize_adapters, tokens
 
 
-def lora(**options) -> tuple[LoRAConverter, Converters]:
+def lora(**options) -> tuple[LoRAConverter, ConverterSet]:
     conv = LoRAConverter(LoRAConfig(**options))
-    return conv, Converters([conv])
+    return conv, ConverterSet([conv])
 
 
 def test_base_view_keys_equal_a_plain_models_keys():
@@ -125,9 +125,9 @@ def test_lora_listed_before_qat_or_float8_is_a_config_error_naming_both(other):
         name = other
 
     with pytest.raises(ConfigError) as exc:
-        Converters([LoRAConverter(), Other()])
+        ConverterSet([LoRAConverter(), Other()])
     assert repr(other) in str(exc.value) and "'lora'" in str(exc.value)
-    assert Converters([Other(), LoRAConverter()]).names == [other, "lora"]
+    assert ConverterSet([Other(), LoRAConverter()]).names == [other, "lora"]
 
 
 def test_meta_model_materializes_with_zero_b_even_after_init_weights():

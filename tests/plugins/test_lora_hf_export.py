@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from ckpt_core import CheckpointError, Converters, ModelWrapper
+from ckpt_core import CheckpointError, ConverterSet, ModelWrapper
 from ckpt_core.policy.exporter import load_additional, write_export
 from ckpt_core.reference import LlamaStateDictAdapter, from_pretrained
 from ckpt_plugins_lora import LoRAConfig, LoRAConverter
@@ -79,7 +79,7 @@ def lora_run(base: str, make_linear=None, first=None, **options):
                 if type(child) is nn.Linear and name != "output":
                     setattr(module, name, make_linear(child))
     conv = LoRAConverter(LoRAConfig(**options))
-    convs = Converters([conv] if first is None else [first, conv])
+    convs = ConverterSet([conv] if first is None else [first, conv])
     convs.convert(model)
     conv.base_model_name_or_path = base
     return model, convs, LlamaStateDictAdapter(model.args)

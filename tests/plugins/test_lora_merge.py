@@ -9,17 +9,17 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ckpt_core import Converters, ModelWrapper
+from ckpt_core import ConverterSet, ModelWrapper
 from ckpt_core.errors import CheckpointError
 from ckpt_plugins_lora import LoRAConfig, LoRAConverter, merge_adapters, merged_weight
 from tests.plugins.lora_support import TinyLlama, randomize_adapters, tokens
 
 
-def adapted(seed: int = 0, **options) -> tuple[TinyLlama, LoRAConverter, Converters]:
+def adapted(seed: int = 0, **options) -> tuple[TinyLlama, LoRAConverter, ConverterSet]:
     torch.manual_seed(seed)
     model = TinyLlama()
     conv = LoRAConverter(LoRAConfig(**options))
-    convs = Converters([conv])
+    convs = ConverterSet([conv])
     convs.convert(model)
     randomize_adapters(model, seed=seed + 1)
     return model, conv, convs

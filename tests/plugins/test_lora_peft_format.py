@@ -8,17 +8,17 @@ import warnings
 import pytest
 import torch
 
-from ckpt_core import Converters, ModelWrapper
+from ckpt_core import ConverterSet, ModelWrapper
 from ckpt_core.errors import CheckpointError
 from ckpt_plugins_lora import LoRAConfig, LoRAConverter, PeftLoraAdapter
 from tests.plugins.lora_support import DIM, KV, TinyLlama, ToyLlamaAdapter, randomize_adapters
 
 
-def converted(**options) -> tuple[TinyLlama, LoRAConverter, Converters]:
+def converted(**options) -> tuple[TinyLlama, LoRAConverter, ConverterSet]:
     torch.manual_seed(0)
     model = TinyLlama()
     conv = LoRAConverter(LoRAConfig(**options))
-    convs = Converters([conv])
+    convs = ConverterSet([conv])
     convs.convert(model)
     randomize_adapters(model)
     return model, conv, convs

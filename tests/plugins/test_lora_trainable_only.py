@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from ckpt_core import CheckpointConfig, Converters, ModelWrapper
+from ckpt_core import CheckpointConfig, ConverterSet, ModelWrapper
 from ckpt_core.config import ExportConfig, InitialLoadConfig
 from ckpt_core.errors import CheckpointError, ConfigError
 from ckpt_core.policy.manager import CheckpointManager
@@ -53,7 +53,7 @@ def run(
     torch.manual_seed(seed)  # a resumed run starts from other random weights
     model = build_model(base)
     options = {"rank": 4, "alpha": 8, "trainable_only_checkpoints": trainable_only}
-    converters = Converters([LoRAConverter(LoRAConfig(**options))])
+    converters = ConverterSet([LoRAConverter(LoRAConfig(**options))])
     converters.convert(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
@@ -148,7 +148,7 @@ def test_resume_refuses_a_changed_base(hf_base, tmp_path):
 
 def test_trainable_only_without_an_initial_load_is_a_config_error(tmp_path):
     model = build_model("tiny")
-    converters = Converters([LoRAConverter(LoRAConfig(trainable_only_checkpoints=True))])
+    converters = ConverterSet([LoRAConverter(LoRAConfig(trainable_only_checkpoints=True))])
     converters.convert(model)
     config = CheckpointConfig(folder=str(tmp_path), export=ExportConfig(enable=False))
     with pytest.raises(ConfigError, match="initial_load.path"):
@@ -168,7 +168,7 @@ def test_lora_run_starts_from_a_plain_dcp_base(hf_base, tmp_path, trainable_only
     )  # fmt: skip
     torch.manual_seed(5)
     model = build_model(hf_base)
-    converters = Converters(
+    converters = ConverterSet(
         [LoRAConverter(LoRAConfig(rank=4, trainable_only_checkpoints=trainable_only))]
     )
     converters.convert(model)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckpt_core import Converters, ModelWrapper
+from ckpt_core import ConverterSet, ModelWrapper
 from ckpt_core.errors import PluginError
 from ckpt_core.policy.exporter import write_export
 from ckpt_core.reference import build_model
@@ -23,12 +23,12 @@ from tests.plugins.test_qat_export_hf import load_logits  # noqa: E402
 QAT_TARGETS = ["wq", "w2"]  # q_proj and down_proj quantized by QAT, the rest by float8
 
 
-def converters(order: list[str], scheme: str) -> Converters:
+def converters(order: list[str], scheme: str) -> ConverterSet:
     options = {
         "qat": {"targets": QAT_TARGETS, "group_size": 32, "scheme": scheme},
         "float8": {"emulate": True, "export": "fp8", "filter_fqns": ["output", *QAT_TARGETS]},
     }
-    return Converters.from_config(order, options)
+    return ConverterSet.from_config(order, options)
 
 
 def trained(order: list[str], scheme: str):

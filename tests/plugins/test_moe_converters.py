@@ -13,7 +13,7 @@ import logging
 import pytest
 import torch
 
-from ckpt_core import Converters, ModelWrapper
+from ckpt_core import ConverterSet, ModelWrapper
 from ckpt_core.content.families import model_family
 from ckpt_core.errors import ConfigError
 from ckpt_core.policy.exporter import write_export
@@ -64,8 +64,8 @@ def _hf_logits(path: str, x: torch.Tensor) -> torch.Tensor:
         return hf(input_ids=x, use_cache=False).logits
 
 
-def _converters(name: str, **options) -> Converters:
-    return Converters.from_config([name], {name: options} if options else {})
+def _converters(name: str, **options) -> ConverterSet:
+    return ConverterSet.from_config([name], {name: options} if options else {})
 
 
 def test_qat_fake_quantizes_the_experts_and_the_compressed_export_loads_in_transformers(

@@ -52,13 +52,13 @@ LORA_WITHOUT_PEFT = """
 import sys
 sys.modules["peft"] = None  # any 'import peft' now raises ImportError
 import torch
-from ckpt_core import Converters, ModelWrapper
+from ckpt_core import ConverterSet, ModelWrapper
 from ckpt_core.reference import LlamaStateDictAdapter, build_model
 from ckpt_plugins_lora import LoRAConfig, LoRAConverter
 
 model = build_model("tiny")
 conv = LoRAConverter(LoRAConfig(rank=2, target_modules=["wq"]))
-convs = Converters([conv])
+convs = ConverterSet([conv])
 convs.convert(model)
 export = ModelWrapper(model, convs).state_dict("export")
 assert not any("lora" in k for k in export)

@@ -9,7 +9,7 @@ from ckpt_plugins_qat.config import DEFAULT_TARGETS
 from ckpt_plugins_qat.schemes import SCHEMES
 from torch import nn
 
-from ckpt_core import Converters, ModelWrapper
+from ckpt_core import ConverterSet, ModelWrapper
 from ckpt_core.errors import ConfigError
 from ckpt_core.reference import LlamaStateDictAdapter, build_model
 from ckpt_plugins_qat import QATConverter
@@ -46,7 +46,7 @@ def test_convert_fake_quantizes_the_block_linears_only():
 def test_checkpoint_keeps_fp32_master_weights_under_the_plain_keys():
     plain = tiny()
     model = tiny()
-    converters = Converters([qat(group_size=32)])
+    converters = ConverterSet([qat(group_size=32)])
     converters.convert(model)
     full = ModelWrapper(model, converters).state_dict("full")
     assert list(full) == list(plain.state_dict())
@@ -129,7 +129,7 @@ def test_a_float8_linear_target_is_refused_naming_both_converters_and_the_fix():
 @pytest.mark.parametrize("scheme", sorted(SCHEMES))
 def test_export_view_holds_compressed_entries_and_leaves_the_model_alone(scheme):
     model = tiny()
-    converters = Converters([qat(scheme=scheme, group_size=32)])
+    converters = ConverterSet([qat(scheme=scheme, group_size=32)])
     converters.convert(model)
     wrapper = ModelWrapper(model, converters)
     before = {k: v.clone() for k, v in wrapper.state_dict("full").items()}
@@ -155,7 +155,7 @@ def test_export_view_holds_compressed_entries_and_leaves_the_model_alone(scheme)
 
 def test_model_adapter_names_the_compressed_entries_the_hf_way():
     model = tiny()
-    converters = Converters([qat(group_size=32)])
+    converters = ConverterSet([qat(group_size=32)])
     converters.convert(model)
     export = ModelWrapper(model, converters).state_dict("export")
     hf = LlamaStateDictAdapter(model.args).to_hf(export)
@@ -171,7 +171,8 @@ def test_quantization_config_is_valid_for_compressed_tensors(scheme):
     model = tiny()
     converter = qat(scheme=scheme, group_size=64, targets=["wq", "wv"])
     converter.convert(model)
-    adapter = Converters([converter]).state_dict_adapters(LlamaStateDictAdapter(model.args))["qat"]
+    adapters = ConverterSet([converter]).state_dict_adapters(LlamaStateDictAdapter(model.args))
+    adapter = adapters["qat"]
     assert adapter.subfolder is None
     config = adapter.update_hf_config({"model_type": "llama"})
     assert config["model_type"] == "llama"
@@ -216,7 +217,7 @@ def test_learned_scales_are_claimed_and_exported_instead_of_recomputed():
     scale_key = "layers.0.attention.wq.weight_fake_quantizer.scale"
     with torch.no_grad():
         model.get_parameter(scale_key).mul_(1.5)  # "learned"
-    converters = Converters([qat(group_size=32, targets=["wq"])])
+    converters = ConverterSet([qat(group_size=32, targets=["wq"])])
     wrapper = ModelWrapper(model, converters)
     assert scale_key in wrapper.state_dict("full")
     assert converters.key_filter(scale_key)

@@ -16,7 +16,7 @@ import torch
 from ckpt_plugins_qat.schemes import SCHEMES
 from safetensors import safe_open
 
-from ckpt_core import Converters, ModelWrapper
+from ckpt_core import ConverterSet, ModelWrapper
 from ckpt_core.reference import LlamaStateDictAdapter, build_model
 from ckpt_plugins_qat import QATConverter
 
@@ -47,7 +47,7 @@ def train(model: torch.nn.Module, steps: int = 3) -> None:
 def prepared(converter_list: list, seed: int = 0):
     torch.manual_seed(seed)
     model = build_model("tiny")
-    converters = Converters(converter_list)
+    converters = ConverterSet(converter_list)
     converters.convert(model)
     return model, converters
 
@@ -158,10 +158,10 @@ def test_qat_then_lora_export_merges_first_then_quantizes(tmp_path):
     assert b.abs().sum() > 0  # the adapters learned something to merge
 
     # Reference: the merged weights, fake-quantized (what QAT on the merged model computes).
-    merged = Converters([adapter]).state_dict_transform(ModelWrapper(model).state_dict("full"))
+    merged = ConverterSet([adapter]).state_dict_transform(ModelWrapper(model).state_dict("full"))
     torch.manual_seed(0)
     reference = build_model("tiny")
-    Converters([QATConverter(QATConverter.Config(group_size=GROUP))]).convert(reference)
+    ConverterSet([QATConverter(QATConverter.Config(group_size=GROUP))]).convert(reference)
     reference.load_state_dict(merged)
     x = tokens()
     with torch.no_grad():
@@ -200,7 +200,7 @@ def test_qat_fine_tune_starts_from_a_plain_hf_checkpoint(tmp_path):
 
     torch.manual_seed(3)
     source = build_model("tiny")
-    export(source, Converters([]), tmp_path / "base", "float32")
+    export(source, ConverterSet([]), tmp_path / "base", "float32")
     model, converters = prepared([QATConverter(QATConverter.Config(group_size=GROUP))], seed=4)
     load_hf(
         ModelWrapper(model, converters),

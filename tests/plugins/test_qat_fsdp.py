@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ckpt_core import Converters, ModelWrapper
+from ckpt_core import ConverterSet, ModelWrapper
 from ckpt_core.reference import LlamaStateDictAdapter, build_model
 from ckpt_plugins_qat import QATConverter
 from tests.core._dist import run_on_ranks
@@ -26,7 +26,7 @@ def build(scheme: str):
         from ckpt_plugins_lora import LoRAConverter
 
         items.append(LoRAConverter(LoRAConverter.Config(rank=4, export="merged")))
-    converters = Converters(items)
+    converters = ConverterSet(items)
     converters.convert(model)
     with torch.no_grad():
         for key, param in model.named_parameters():

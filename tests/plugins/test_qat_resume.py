@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from ckpt_core import CheckpointConfig, CheckpointManager, Converters
+from ckpt_core import CheckpointConfig, CheckpointManager, ConverterSet
 from ckpt_core.reference import LlamaStateDictAdapter, build_model
 from ckpt_plugins_qat import QATConverter
 
@@ -19,8 +19,8 @@ def batches(n: int) -> list[torch.Tensor]:
     return [torch.randint(0, 256, (2, 17), generator=gen) for _ in range(n)]
 
 
-def qat(**options) -> Converters:
-    return Converters([QATConverter(QATConverter.Config(group_size=32, **options))])
+def qat(**options) -> ConverterSet:
+    return ConverterSet([QATConverter(QATConverter.Config(group_size=32, **options))])
 
 
 def step(model, opt, batch) -> float:

@@ -8,7 +8,7 @@ import json
 import pytest
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig
 
-from ckpt_core import Converters, ModelWrapper
+from ckpt_core import ConverterSet, ModelWrapper
 from ckpt_core.content.families import model_family
 from ckpt_core.content.quantization_config import FORMAT_VERSION, STATIC_OBSERVER
 from ckpt_core.policy.exporter import write_export
@@ -59,7 +59,7 @@ def exported_quantization_config(tmp_path, enabled, options) -> dict:
     family = model_family("llama")
     config = family.config_for("tiny")
     model = family.build_model(config)
-    convs = Converters.from_config(enabled, options)
+    convs = ConverterSet.from_config(enabled, options)
     convs.convert(model)
     write_export(
         ModelWrapper(model, convs),

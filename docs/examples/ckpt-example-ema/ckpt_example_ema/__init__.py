@@ -13,12 +13,12 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ckpt_core import Converter, ConverterConfig, hookimpl
+from ckpt_core import Converter, ConverterOptions, hookimpl
 
 SUFFIX = ".weight_ema"
 
 
-class EMAConfig(ConverterConfig):
+class EMAConfig(ConverterOptions):
     """``[converters.ema]``."""
 
     decay: float = Field(0.999, gt=0.0, lt=1.0, description="EMA decay per optimizer step.")

@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from ckpt_core import Converters, ModelWrapper
+from ckpt_core import ConverterSet, ModelWrapper
 from ckpt_core.testing import check_converter
 
 
@@ -12,7 +12,7 @@ def test_ema_keeps_the_converter_contract():
 
 def test_the_base_view_leaves_the_averages_out_and_the_export_uses_them():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
-    convs = Converters.from_config(["ema"], {"ema": {"decay": 0.5}})
+    convs = ConverterSet.from_config(["ema"], {"ema": {"decay": 0.5}})
     convs.convert(model)
     wrapper = ModelWrapper(model, converters=convs)
     assert not any(k.endswith("weight_ema") for k in wrapper.state_dict("base"))
