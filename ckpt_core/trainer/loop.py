@@ -160,7 +160,7 @@ def train(cfg: TrainConfig, dist_info: Dist) -> dict[str, Any]:
     from ckpt_core.policy.manager import CheckpointManager
     from ckpt_core.protocol.plugin_host import ConverterSet
     from ckpt_core.trainer.data import SyntheticTokens
-    from ckpt_core.trainer.metrics import MetricsWriter
+    from ckpt_core.trainer.metrics import MetricsWriter, spool_path
     from ckpt_core.trainer.progress import Progress
 
     cfg = prepare(cfg)
@@ -216,7 +216,8 @@ def train(cfg: TrainConfig, dist_info: Dist) -> dict[str, Any]:
     try:
         handler = manager.install_preemption_handler()  # checkpoint.preemption_signal
         # One writer: a second run on these folders fails here, before it loads or writes.
-        metrics_folder = os.path.dirname(os.path.abspath(cfg.resolve(cfg.metrics.path)))
+        metrics_file = spool_path(cfg.resolve(cfg.metrics.path))  # a URI's: a local spool
+        metrics_folder = os.path.dirname(os.path.abspath(metrics_file))
         manager.acquire(also={"metrics.path": metrics_folder})
         manager.load()
         manager.preflight()  # folders writable, room for a checkpoint: before step 1
