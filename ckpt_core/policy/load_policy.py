@@ -176,9 +176,7 @@ def _check_layout(
     if found is not None:
         model_layout.check(found.get("model"), manager.sd_adapter, source=path)
         if own:  # a resume continues the same model; an initial load may change RoPE on purpose
-            model_layout.check_config(
-                found.get("model"), manager._model_description, source=path
-            )
+            model_layout.check_config(found.get("model"), manager._model_description, source=path)
         return
     saved = read_metadata(path).state_dict_metadata
     if own:
