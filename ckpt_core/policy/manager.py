@@ -81,6 +81,8 @@ class CheckpointManager:
         # A transformers model needs no adapter: its names are HF's
         # (ckpt_core.content.hf_native).
         self.sd_adapter = sd_adapter if sd_adapter is not None else adapter_for(model_parts)
+        #: What exports read; a pipelined trainer sets a view of the unsplit model here.
+        self.export_wrapper: ModelWrapper = self.wrapper
         self.train_state = TrainState()
         # Owned-only checkpoints (see ckpt_core.content.owned_only): only converter-owned
         # model keys.
@@ -471,7 +473,7 @@ class CheckpointManager:
             return
         try:
             write_export(
-                self.wrapper,
+                self.export_wrapper,
                 final,
                 fmt=export.format,
                 dtype=export.dtype,

@@ -113,16 +113,33 @@ class GroupedExperts(nn.Module):
         self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
     ) -> torch.Tensor:
         w1, w2, w3 = (expert_weight(self, name) for name in ("w1", "w2", "w3"))
-        out = torch.zeros_like(x)
-        for e in range(self.num_experts):
-            token, slot = torch.where(experts == e)
-            if token.numel() == 0:
-                continue
-            h = x[token]
-            h = F.silu(F.linear(h, w1[e])) * F.linear(h, w3[e])
-            h = F.linear(h, w2[e]) * weights[token, slot, None]
-            out = out.index_add(0, token, h.to(out.dtype))
-        return out
+        return expert_outputs(x, weights, experts, (w1, w2, w3))
+
+
+def expert_outputs(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    experts: torch.Tensor,
+    stacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    first: int = 0,
+) -> torch.Tensor:
+    """Each token's weighted sum over its routed experts among ``stacked = (w1, w2, w3)``.
+
+    ``stacked`` holds experts ``first .. first + len(w1) - 1`` (all of them
+    unless expert parallel gives a rank a slice); other experts add nothing.
+    Accumulated in expert order, as transformers does.
+    """
+    w1, w2, w3 = stacked
+    out = torch.zeros_like(x)
+    for i in range(w1.shape[0]):
+        token, slot = torch.where(experts == first + i)
+        if token.numel() == 0:
+            continue
+        h = x[token]
+        h = F.silu(F.linear(h, w1[i])) * F.linear(h, w3[i])
+        h = F.linear(h, w2[i]) * weights[token, slot, None]
+        out = out.index_add(0, token, h.to(out.dtype))
+    return out
 
 
 class MoE(nn.Module):

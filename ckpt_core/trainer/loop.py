@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from ckpt_core.errors import ConfigError
 from ckpt_core.trainer.config import TrainConfig
+from ckpt_core.trainer.expert_parallel import check_expert_parallel
 from ckpt_core.trainer.launch import Dist
 from ckpt_core.trainer.parallel import (
     build_mesh,
@@ -42,6 +43,7 @@ from ckpt_core.trainer.parallel import (
     dp_mean,
     parallelize,
 )
+from ckpt_core.trainer.pipeline import Pipeline, PipelineExportView
 
 logger = logging.getLogger("ckpt_core.trainer")
 
@@ -181,17 +183,39 @@ def train(cfg: TrainConfig, dist_info: Dist) -> dict[str, Any]:
     converters = ConverterSet.from_config(cfg.converters.enabled, cfg.converters.options)
     converters.convert(model)
     model.to(dist_info.device)
-    mesh = build_mesh(cfg.parallelism.degrees(dist_info.world_size), dist_info.device.type)
-    model = parallelize(model, mesh, cfg.parallelism)
+    degrees = cfg.parallelism.degrees(dist_info.world_size)
+    check_expert_parallel(model, degrees["ep"])
+    mesh = build_mesh(degrees, dist_info.device.type)
     dp_rank, dp_degree = data_parallel(mesh)
+    pipe: Pipeline | None = None
+    if degrees["pp"] > 1:  # several model parts per rank (ckpt_core.trainer.pipeline)
+        pipe = Pipeline(
+            model,
+            mesh,
+            cfg.parallelism,
+            dist_info.device,
+            tcfg.batch_size // dp_degree,
+            lambda part: parallelize(part, mesh, cfg.parallelism),
+        )
+        model_parts = pipe.parts
+    else:
+        model_parts = [parallelize(model, mesh, cfg.parallelism)]
+    model = model_parts[0]
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    part_params = [[p for p in part.parameters() if p.requires_grad] for part in model_parts]
+    params = [p for group in part_params for p in group]
     if not params:
         raise ConfigError("the model has no trainable parameters after the converters ran.")
-    optimizer = torch.optim.AdamW(
-        params, lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.95), eps=1e-8
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(tcfg.warmup_steps))
+    optimizers = [  # one per model part (its state is saved by parameter names)
+        torch.optim.AdamW(
+            group, lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.95), eps=1e-8
+        )
+        for group in part_params
+    ]
+    schedulers = [
+        torch.optim.lr_scheduler.LambdaLR(o, warmup_schedule(tcfg.warmup_steps))
+        for o in optimizers
+    ]
     loader = SyntheticTokens(
         vocab_size=hf_config["vocab_size"],
         seq_len=tcfg.seq_len,
@@ -203,13 +227,15 @@ def train(cfg: TrainConfig, dist_info: Dist) -> dict[str, Any]:
     )
     manager = CheckpointManager(
         cfg.resolved_checkpoint(),
-        model_parts=[model],
-        optimizers=optimizer,
-        lr_schedulers=scheduler,
+        model_parts=model_parts,
+        optimizers=optimizers,
+        lr_schedulers=schedulers,
         dataloader=loader,
         converters=converters,
         sd_adapter=adapter,
     )
+    if pipe is not None:  # exports see the unsplit model on every rank
+        manager.export_wrapper = PipelineExportView(manager.wrapper, pipe.group)
     metrics: MetricsWriter | None = None
     progress: Progress | None = None
     preempted: int | None = None
@@ -224,7 +250,7 @@ def train(cfg: TrainConfig, dist_info: Dist) -> dict[str, Any]:
         state = manager.train_state
         start = state.step + 1
         if dist_info.is_main:
-            n_params = sum(p.numel() for p in model.parameters())
+            n_params = sum(p.numel() for part in model_parts for p in part.parameters())
             logger.info(
                 "model %s (%.2fM parameters, %d trainable tensors), converters %s, %d rank(s) "
                 "on %s; %s",
@@ -247,17 +273,24 @@ def train(cfg: TrainConfig, dist_info: Dist) -> dict[str, Any]:
         for step in range(start, tcfg.steps + 1):
             t0 = time.perf_counter()
             inputs, targets = next(loader)
-            logits = model(inputs)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-            loss.backward()
+            if pipe is not None:
+                loss = pipe.step(inputs, targets)  # the last stage's loss on every stage
+            else:
+                logits = model(inputs)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+                loss.backward()
             if tcfg.max_grad_norm > 0:
-                clip_grad_norm(params, tcfg.max_grad_norm)
+                if pipe is not None:
+                    pipe.clip_grad_norm(params, tcfg.max_grad_norm)
+                else:
+                    clip_grad_norm(params, tcfg.max_grad_norm)
             manager.maybe_wait_for_staging()
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            converters.post_optimizer_step([model])
+            lr = schedulers[0].get_last_lr()[0]
+            for optimizer, scheduler in zip(optimizers, schedulers):
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            converters.post_optimizer_step(model_parts)
             state.step = step
             state.tokens_seen += tokens_per_step
             last_loss = dp_mean(loss, mesh)

@@ -142,7 +142,8 @@ def _linear_style(style: str) -> Any:
 
     class _Style(base):  # type: ignore[misc, valid-type]
         def _partition_linear_fn(self, name: str, module: nn.Module, device_mesh: Any) -> None:
-            _partition_linear(module, device_mesh, style)
+            if not name:  # called for every submodule; the linear splits its children itself
+                _partition_linear(module, device_mesh, style)
 
     return _Style()
 
@@ -207,11 +208,20 @@ def parallelize(model: nn.Module, mesh: Any, parallelism: Any = None) -> nn.Modu
     if tp > 1:
         check_tensor_parallel(model, tp)
         apply_tensor_parallel(model, mesh["tp"])
+    ignored = None
+    if "ep" in (mesh.mesh_dim_names or ()) and mesh_size(mesh, "ep") > 1:
+        from ckpt_core.trainer.expert_parallel import apply_expert_parallel
+
+        # Experts shard over ("dp_shard_mod_ep", "ep") themselves; FSDP leaves them alone.
+        dp = mesh_size(mesh, "dp_shard")
+        ignored = apply_expert_parallel(model, mesh["dp_shard_mod_ep", "ep"], dp)
     if mesh_size(mesh, "dp_shard") > 1:
         dp_mesh = mesh["dp_shard"]
         for block in model.layers.values():
-            fully_shard(block, mesh=dp_mesh, shard_placement_fn=_shard_placement)
-        fully_shard(model, mesh=dp_mesh)
+            fully_shard(
+                block, mesh=dp_mesh, shard_placement_fn=_shard_placement, ignored_params=ignored
+            )
+        fully_shard(model, mesh=dp_mesh, ignored_params=ignored)
     return model
 
 
