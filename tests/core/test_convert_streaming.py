@@ -3,7 +3,8 @@
 * HF → DCP → HF is bit-exact for transformers model types no family of ckpt-core
   lists (they go to the ``hf`` fallback family) and for one the reference Llama
   reads; the DCP checkpoint starts training in a user loop on the transformers model;
-* ``--workers 2`` writes the very files ``--workers 1`` writes;
+* ``--workers 2`` writes the very files ``--workers 1`` writes, and a spawned worker
+  (JSON frames on its pipes, no pickle) what a forked one writes;
 * a config whose tensors do not fit the weights names the keys and both shapes;
   weights with neither manifest nor config.json are refused with what to pass;
 * peak memory of a convert in a fresh process stays near one tensor plus the write
@@ -178,6 +179,29 @@ def test_two_workers_write_the_same_files_as_one(tmp_path, to):
     for name in same:
         assert (one / name).read_bytes() == (two / name).read_bytes(), name
     assert manifest.verify(str(one)) == [] and manifest.verify(str(two)) == []
+    if to == "dcp":
+        _a_spawned_worker_writes_what_a_forked_one_writes(tmp_path, data)
+
+
+def _a_spawned_worker_writes_what_a_forked_one_writes(tmp_path, data: list[str]) -> None:
+    # The request goes to the spawned worker as JSON on stdin, its DCP write results come
+    # back as JSON frames: the parent's .metadata must say what the fork path's says.
+    from ckpt_core.convert.workers import WORKERS_ENV
+    from ckpt_core.storage.safe_metadata import read_metadata
+
+    fork, spawn = tmp_path / "out2", tmp_path / "spawn"
+    argv = [tmp_path / "hf", spawn, "--to", "dcp", "--workers", 2, "--max-shard-size", "20KB"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(WORKERS_ENV, "spawn")
+        assert _convert(*argv) == 0
+    assert data == sorted(n for n in os.listdir(spawn) if n.endswith(".distcp"))
+    for name in data:
+        assert (fork / name).read_bytes() == (spawn / name).read_bytes(), name
+    forked, spawned = read_metadata(str(fork)), read_metadata(str(spawn))
+    assert spawned.state_dict_metadata == forked.state_dict_metadata
+    assert spawned.storage_data == forked.storage_data
+    assert {i.relative_path for i in spawned.storage_data.values()} == set(data)
+    assert manifest.verify(str(spawn)) == []
 
 
 def test_a_config_that_does_not_fit_names_the_keys_and_both_shapes(tmp_path, capsys):

@@ -186,3 +186,69 @@ def test_a_name_that_was_never_exported_is_still_an_attribute_error():
         ckpt_core.plugin_api.Converters  # noqa: B018
     with pytest.raises(AttributeError, match="Nope"):
         ckpt_core.Nope  # noqa: B018
+
+
+# Where ckpt_core may unpickle, and why that place is safe. Anything else that unpickles
+# (pickle.load/loads/Unpickler, torch.load without weights_only=True) fails the test below.
+UNPICKLE_ALLOWED = {
+    "storage/safe_metadata.py": "the restricted DCP .metadata unpickler; weights_only loads",
+    "storage/fast_reader.py": "an Unpickler whose find_class resolves only a tensor's layout",
+}
+_PICKLE_MODULES = ("pickle", "_pickle", "cPickle", "dill", "cloudpickle")
+_UNPICKLERS = ("load", "loads", "Unpickler")
+
+
+def _unpickles(source: str) -> list[str]:
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in _PICKLE_MODULES
+            and node.attr in _UNPICKLERS
+        ):
+            out.append(f"{node.lineno}: {node.value.id}.{node.attr}")
+        elif isinstance(node, ast.ImportFrom) and node.module in _PICKLE_MODULES:
+            out += [f"{node.lineno}: from {node.module} import {a.name}" for a in node.names]
+        elif (
+            isinstance(node, ast.Call)
+            and ast.unparse(node.func) == "torch.load"
+            and not any(
+                k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value
+                for k in node.keywords
+            )
+        ):
+            out.append(f"{node.lineno}: torch.load without weights_only=True")
+    return out
+
+
+def test_the_library_unpickles_only_in_its_restricted_readers():
+    root = REPO_ROOT / "ckpt_core"
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root).as_posix()
+        if relative not in UNPICKLE_ALLOWED:
+            offenders += [f"ckpt_core/{relative}:{hit}" for hit in _unpickles(path.read_text())]
+    assert not offenders, "\n".join(offenders)
+    for relative in UNPICKLE_ALLOWED:  # an entry for a file that no longer unpickles goes
+        assert _unpickles((root / relative).read_text()), relative
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "def f(s):\n    import pickle\n    return pickle.loads(s)\n",
+        "import pickle\nx = pickle.load(open('f', 'rb'))\n",
+        "from pickle import loads\n",
+        "import pickle\nclass U(pickle.Unpickler):\n    pass\n",
+        "import torch\ntorch.load('f')\n",
+        "import torch\ntorch.load('f', weights_only=False)\n",
+    ],
+)
+def test_the_pickle_check_catches_an_unpickling_call(source):
+    assert _unpickles(source)
+
+
+def test_the_pickle_check_lets_dumping_and_weights_only_loads_pass():
+    source = "import pickle, torch\npickle.dumps(1)\ntorch.load('f', weights_only=True)\n"
+    assert not _unpickles(source)
