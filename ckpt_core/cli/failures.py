@@ -5,6 +5,8 @@
 * an ``OSError`` (disk full, read-only mount, no permission, missing path):
   the path, the system's words for the errno and a fix, exit 2 when the user's
   path or permissions are wrong, 1 when the storage failed;
+* an object store's refusal (no credentials, no such bucket, access denied):
+  the command's URI and the fix, exit 2 (:mod:`ckpt_core.cli.object_store_errors`);
 * anything else: ``internal error: <type>: <message>``, exit 1.
 
 A failure inside ``torch.distributed.checkpoint`` arrives wrapped in its
@@ -19,6 +21,7 @@ import errno
 import os
 import sys
 import traceback
+from collections.abc import Sequence
 
 from ckpt_core.errors import CkptError
 
@@ -77,11 +80,20 @@ def _os_error_line(exc: OSError) -> tuple[int, str]:
     return code, f"{where}: {words}{f' ({name})' if name else ''}; {fix}."
 
 
-def describe(exc: BaseException) -> tuple[int, str]:
-    """``(exit code, one-line message)`` for an exception that ended a command."""
+def describe(exc: BaseException, uris: Sequence[str] = ()) -> tuple[int, str]:
+    """``(exit code, one-line message)`` for an exception that ended a command.
+
+    ``uris``: the command's object-store URIs, named by an object store's refusal
+    (no credentials, no bucket, access denied: exit 2).
+    """
+    from ckpt_core.cli.object_store_errors import object_store_line
+
     exc = unwrap(exc)
     if isinstance(exc, CkptError):
         return exc.exit_code, "error: " + one_line(str(exc))
+    store = object_store_line(exc, uris)
+    if store is not None:
+        return 2, "error: " + one_line(store)
     if isinstance(exc, OSError) and exc.errno is not None:
         code, line = _os_error_line(exc)
         return code, "error: " + line
@@ -91,10 +103,10 @@ def describe(exc: BaseException) -> tuple[int, str]:
     )
 
 
-def report(command: str, exc: BaseException, *, debug: bool) -> int:
+def report(command: str, exc: BaseException, *, debug: bool, uris: Sequence[str] = ()) -> int:
     """Print ``exc`` for ``ckpt <command>`` (one line, or the traceback first with ``debug``)."""
     if debug:
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
-    code, line = describe(exc)
+    code, line = describe(exc, uris)
     print(f"ckpt {command}: {line}", file=sys.stderr)
     return code

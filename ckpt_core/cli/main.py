@@ -31,6 +31,9 @@ SUBCOMMANDS = {
 
 DEBUG_HELP = "show the traceback of a failure (also: environment variable CKPT_DEBUG=1)"
 
+#: Object-store clients whose INFO lines (where credentials came from) only -v shows.
+QUIET_LOGGERS = ("botocore", "aiobotocore", "s3fs", "fsspec")
+
 # Subcommands whose unknown options are passed through (config overrides).
 PASSTHROUGH = {"train"}
 
@@ -69,6 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not args.verbose:
+        for name in QUIET_LOGGERS:  # "Found credentials in environment variables" etc.
+            logging.getLogger(name).setLevel(logging.WARNING)
     if args.command is None:
         parser.print_help()
         return 2
@@ -82,7 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SystemExit, GeneratorExit):
         raise
     except BaseException as exc:  # DCP wraps failures in a BaseException: one line each too
-        return failures.report(args.command, exc, debug=failures.debug_enabled(args.debug))
+        uris = [a.split("=", 1)[-1] for a in argv if "://" in a]  # named by a store's refusal
+        return failures.report(
+            args.command, exc, debug=failures.debug_enabled(args.debug), uris=uris
+        )
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from ckpt_core.dtensor_utils import full_tensor, with_local
-from ckpt_core.errors import ExportContentError
+from ckpt_core.errors import ConfigError, ExportContentError
 from ckpt_core.export_spec import HFGroup, cast_dtype
 from ckpt_core.storage import layout
 from ckpt_core.storage.manifest import crc32_hex
@@ -193,9 +193,12 @@ class _StagedFile:
     ) -> None:
         if start % ALIGN:
             raise ValueError(f"a piece of a file starts on a page boundary, not at {start}")
+        if start and layout.is_uri(path):
+            raise ConfigError(
+                f"{path}: an object in an object store is written whole by one writer, from its "
+                f"start (not from byte {start}); write it with one worker (--workers 1)."
+            )
         self.fd, self.file, self.direct = _open_direct(path, truncate=not piece)
-        if self.file is not None and (start or piece):
-            raise ValueError("a remote file is written whole, from its start")
         self.piece = piece
         self.pool = pool
         half = staging.nbytes // 2
