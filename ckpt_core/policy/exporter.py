@@ -34,7 +34,7 @@ from ckpt_core.errors import (
 )
 from ckpt_core.protocol.plugin_host import ConverterSet
 from ckpt_core.protocol.state_dict_adapter import StateDictAdapter
-from ckpt_core.rank_zero import distributed_on
+from ckpt_core.rank_zero import distributed_on, on_rank_zero
 from ckpt_core.storage import layout
 
 logger = logging.getLogger(__name__)
@@ -58,15 +58,11 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _broadcast_error(message: str | None) -> str | None:
-    """Rank 0's error message (or ``None``) on every rank."""
+def _default_group() -> Any:
+    """The default process group when one is initialized (what :func:`on_rank_zero` takes)."""
     import torch.distributed as dist
 
-    if not distributed_on():
-        return message
-    box = [message]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return dist.group.WORLD if distributed_on() else None
 
 
 def tmp_path_for(final_path: str) -> str:
@@ -117,20 +113,59 @@ def write_export(
     transforms = StateDictTransforms(sd_adapter, converters)
     rank, world = _dist()
     tmp = tmp_path_for(final_path)
-    error = None
-    if rank == 0:
+
+    def prepare() -> None:
         if layout.exists(final_path):
-            error = (
+            raise DestinationExistsError(
                 f"{final_path} already exists; refusing to overwrite an export. Remove it or "
                 "export to another folder."
             )
-        else:
-            layout.remove_tree(tmp)  # leftovers of a crashed export
-            layout.makedirs(tmp)
-    error = _broadcast_error(error)
-    if error:
-        raise DestinationExistsError(error)
+        layout.remove_tree(tmp)  # leftovers of a crashed export
+        layout.makedirs(tmp)
 
+    # Rank 0 writes the files: whatever fails there (an existing destination, a folder that
+    # cannot be made, a full disk) is raised on every rank, none waits or goes on alone.
+    group = _default_group()
+    on_rank_zero(prepare, rank, group)
+    try:
+        known = _write_files(
+            wrapper, tmp, fmt, target, transforms, rank, progress, on_total, max_shard_bytes
+        )
+        failure = None
+    except Exception as exc:  # noqa: BLE001 - rank 0's is shared below; others raise theirs
+        if rank != 0:
+            raise
+        known, failure = {}, exc
+    _barrier()
+
+    def commit() -> None:
+        if failure is not None:
+            raise failure
+        _write_manifest(tmp, known, step, world, converters, sd_adapter)
+        if sign_key is not None:
+            from ckpt_core.storage import signing
+
+            signing.sign_folder(tmp, sign_key)
+        layout.commit(tmp, final_path)
+
+    on_rank_zero(commit, rank, group)
+    logger.info(
+        "exported the model as %s (%s) to %s", fmt, dtype or "dtypes as trained", final_path
+    )
+
+
+def _write_files(
+    wrapper: Any,
+    tmp: str,
+    fmt: str,
+    target: torch.dtype | None,
+    transforms: StateDictTransforms,
+    rank: int,
+    progress: Callable[[int], None] | None,
+    on_total: Callable[[int], None] | None,
+    max_shard_bytes: int | None,
+) -> dict[str, tuple[int, str]]:
+    """The export's data files in ``tmp`` (collective); ``relative path → (size, crc)``."""
     if fmt == "hf":
         from ckpt_core.storage.hf_writer import (
             DEFAULT_MAX_SHARD_BYTES,
@@ -159,18 +194,7 @@ def write_export(
         known = _write_dcp(tmp, view)
         if progress is not None:
             progress(nbytes)
-    _barrier()
-    if rank == 0:
-        _write_manifest(tmp, known, step, world, converters, sd_adapter)
-        if sign_key is not None:
-            from ckpt_core.storage import signing
-
-            signing.sign_folder(tmp, sign_key)
-        layout.commit(tmp, final_path)
-    _barrier()
-    logger.info(
-        "exported the model as %s (%s) to %s", fmt, dtype or "dtypes as trained", final_path
-    )
+    return known
 
 
 def _is_tensor(value: Any) -> bool:

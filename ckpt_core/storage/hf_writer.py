@@ -336,17 +336,31 @@ def _write_file(
     pool: ThreadPoolExecutor | None,
     progress: Callable[[int], None] | None,
 ) -> tuple[int, str] | None:
-    """Write one safetensors file (on the writing rank; others only gather)."""
+    """Write one safetensors file (on the writing rank; others only gather).
+
+    A write that fails stops the writing, not the gathering: the writing rank still
+    takes part in every gather of the file (so no other rank waits for it), then raises.
+    """
     out = _StagedFile(path, staging, pool) if pool is not None else None
-    if out is not None:
-        out.write_bytes(_header(entries))
+    failure: OSError | None = None
+    try:
+        if out is not None:
+            out.write_bytes(_header(entries))
+    except OSError as exc:
+        failure = exc
     for e in entries:
         full = _gather(e.tensor)
-        if out is not None:
-            out.write_tensor(full, e.dtype)
+        if out is not None and failure is None:
+            try:
+                out.write_tensor(full, e.dtype)
+            except OSError as exc:
+                failure = exc
         del full
         if progress is not None:
             progress(e.nbytes)
+    if failure is not None:
+        out.abort()
+        raise failure
     return out.close() if out is not None else None
 
 
@@ -363,6 +377,24 @@ def _write_bytes(path: str, data: bytes) -> tuple[int, str]:
 def total_bytes(groups: Iterable[HFGroup], target: torch.dtype | None) -> int:
     """Bytes of tensor data an export of ``groups`` writes."""
     return sum(e.nbytes for g in groups for e in _plan(g.tensors, target))
+
+
+def _write_group_extras(
+    folder: str, group: HFGroup, entries: list, names: list[str], files: list, sub: str
+) -> dict[str, tuple[int, str]]:
+    """A group's index (several model files) or its subfolder's extra files."""
+    written = {}
+    if group.subfolder is None and len(files) > 1:
+        index = {
+            "metadata": {"total_size": sum(e.nbytes for e in entries)},
+            "weight_map": {e.name: n for n, part in zip(names, files) for e in part},
+        }
+        written[INDEX_NAME] = _write_json(layout.join(folder, INDEX_NAME), index)
+    if group.subfolder is not None:
+        for extra, content in group.adapter.extra_files().items():
+            data = content.encode() if isinstance(content, str) else bytes(content)
+            written[sub + extra] = _write_bytes(layout.join(folder, sub + extra), data)
+    return written
 
 
 def write_hf_folder(
@@ -384,6 +416,7 @@ def write_hf_folder(
     written: dict[str, tuple[int, str]] = {}
     staging = _Staging(buffer_bytes)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-crc") if is_writer else None
+    failure: OSError | None = None  # the writer's first; it then only gathers, raises at the end
     try:
         for group in groups:
             entries = _plan(group.tensors, dtype)
@@ -401,24 +434,29 @@ def write_hf_folder(
             else:
                 files, names = [entries], [group.adapter.file_name()]
                 sub = group.subfolder.strip("/") + "/"
-                if is_writer:
-                    layout.makedirs(layout.join(folder, group.subfolder))
+                if is_writer and failure is None:
+                    try:
+                        layout.makedirs(layout.join(folder, group.subfolder))
+                    except OSError as exc:
+                        failure = exc
             for name, part in zip(names, files):
-                result = _write_file(layout.join(folder, sub + name), part, staging, pool, progress)
+                writer = pool if failure is None else None
+                try:
+                    result = _write_file(
+                        layout.join(folder, sub + name), part, staging, writer, progress
+                    )
+                except OSError as exc:
+                    failure, result = exc, None
                 if result is not None:
                     written[sub + name] = result
-            if not is_writer:
+            if not is_writer or failure is not None:
                 continue
-            if group.subfolder is None and len(files) > 1:
-                index = {
-                    "metadata": {"total_size": sum(e.nbytes for e in entries)},
-                    "weight_map": {e.name: n for n, part in zip(names, files) for e in part},
-                }
-                written[INDEX_NAME] = _write_json(layout.join(folder, INDEX_NAME), index)
-            if group.subfolder is not None:
-                for extra, content in group.adapter.extra_files().items():
-                    data = content.encode() if isinstance(content, str) else bytes(content)
-                    written[sub + extra] = _write_bytes(layout.join(folder, sub + extra), data)
+            try:
+                written.update(_write_group_extras(folder, group, entries, names, files, sub))
+            except OSError as exc:
+                failure = exc
+        if failure is not None:
+            raise failure
         if is_writer and config is not None:
             written["config.json"] = _write_json(layout.join(folder, "config.json"), config)
     finally:
