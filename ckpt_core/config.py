@@ -136,6 +136,13 @@ class CheckpointConfig(_Strict):
         default_factory=lambda: os.environ.get("CKPT_VERIFY_KEY") or None,
         description="Public ed25519 PEM: load only folders it signed (env CKPT_VERIFY_KEY).",
     )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        repr=False,
+        description="fsspec options for URI folders (checkpoint, export, loads), e.g. "
+        "{endpoint_url = '...', profile = '...'}; default: the standard AWS chain. Never "
+        "logged or written to manifests.",
+    )
     initial_load: InitialLoadConfig = Field(default_factory=InitialLoadConfig)
     additional_load: list[AdditionalLoadConfig] = Field(default_factory=list)
     export: ExportConfig = Field(default_factory=ExportConfig)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ckpt_core.errors import PreflightError
-from ckpt_core.storage import layout
+from ckpt_core.storage import layout, object_errors
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,12 @@ def probe(folder: str, what: str) -> None:
         else:
             fs.pipe_file(inner, b"ckpt pre-flight probe\n")
             fs.rm(inner)
-    except OSError as exc:
+    except Exception as exc:
+        explained = object_errors.explain(exc, folder)
+        if explained is not None:
+            raise PreflightError(f"{what}: {explained} Found before step 1.") from exc
+        if not isinstance(exc, OSError):
+            raise
         raise PreflightError(
             f"{what} {folder!r} is not writable ({exc.strerror or exc}); found before step 1. "
             f"Fix its permissions or mount, or point {what} at a writable folder."

@@ -21,7 +21,7 @@ import errno as errno_codes
 import logging
 
 from ckpt_core.errors import SaveError
-from ckpt_core.storage import layout
+from ckpt_core.storage import layout, object_errors
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,9 @@ def root_os_error(exc: BaseException) -> OSError | None:
             return current
         if isinstance(current, OSError):
             return current
+        converted = object_errors.as_os_error(current)  # an object store gone away
+        if converted is not None:
+            return converted
         failures = getattr(current, "failures", None)
         if isinstance(failures, dict):
             todo.extend(pair[0] for pair in failures.values() if isinstance(pair, tuple))

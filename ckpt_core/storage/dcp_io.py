@@ -134,7 +134,12 @@ def storage_writer(path: str, *, thread_count: int = 1, direct_io: bool = True) 
     if layout.is_uri(path):
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
-        writer = FsspecWriter(path, sync_files=False, thread_count=thread_count)
+        from ckpt_core.storage.object_io import MultipartFS
+
+        writer = FsspecWriter(
+            path, sync_files=False, thread_count=thread_count, **layout.fsspec_options(path)
+        )
+        writer.fs = MultipartFS(writer.fs)  # S3: parts uploaded in parallel
     else:
         from torch.distributed.checkpoint import FileSystemWriter
 

@@ -38,14 +38,54 @@ def _local(path: str) -> str:
     return path[len("file://") :] if path.startswith("file://") else path
 
 
+#: ``checkpoint.storage_options`` by URI prefix (:func:`set_storage_options`). Kept in
+#: memory only: never logged, never written into a manifest.
+_OPTIONS: dict[str, dict[str, Any]] = {}
+#: Protocols whose client caches directory listings: ckpt turns that cache off, since
+#: another process (another rank, node or run) adds and removes steps behind it.
+_LISTING_CACHE_PROTOCOLS = ("s3", "s3a")
+
+
+def set_storage_options(prefix: str, options: dict[str, Any] | None) -> None:
+    """Pass ``options`` to fsspec for every path under the URI ``prefix`` (None: forget them).
+
+    E.g. ``{"endpoint_url": ..., "profile": ..., "anon": True, "client_kwargs": {...}}``
+    for ``s3://``; the longest matching prefix wins. Local paths take no options.
+    """
+    if not is_uri(prefix):
+        return
+    key = prefix.rstrip("/")
+    if options:
+        _OPTIONS[key] = dict(options)
+    else:
+        _OPTIONS.pop(key, None)
+
+
+def storage_options(path: str) -> dict[str, Any]:
+    """The fsspec options for ``path``: those set for its longest prefix, else none."""
+    best = ""
+    for prefix in _OPTIONS:
+        if (path == prefix or path.startswith(prefix + "/")) and len(prefix) > len(best):
+            best = prefix
+    return dict(_OPTIONS.get(best, {}))
+
+
 def filesystem(path: str) -> tuple[Any, str]:
     """``(fsspec filesystem, path within it)`` for a URI; ``(None, path)`` when local."""
     if not is_uri(path):
         return None, _local(path)
     import fsspec
 
-    fs, inner = fsspec.core.url_to_fs(path)
+    fs, inner = fsspec.core.url_to_fs(path, **fsspec_options(path))
     return fs, inner
+
+
+def fsspec_options(path: str) -> dict[str, Any]:
+    """Keyword arguments for fsspec at ``path``: :func:`storage_options`, listing cache off."""
+    options = storage_options(path)
+    if path.split("://", 1)[0] in _LISTING_CACHE_PROTOCOLS:
+        options.setdefault("use_listings_cache", False)
+    return options
 
 
 def step_dir(folder: str, step: int) -> str:
@@ -66,19 +106,60 @@ def listdir(folder: str) -> list[str]:
             return sorted(os.listdir(inner))
         except FileNotFoundError:
             return []
+    fs.invalidate_cache(inner)
     if not fs.exists(inner):
         return []
     return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(inner, detail=False))
 
 
 def committed_steps(folder: str) -> list[int]:
-    """Steps with a committed ``step-<N>`` directory, ascending."""
+    """Committed steps, ascending.
+
+    Local: every ``step-<N>`` folder (a rename made it appear whole). Object store
+    (any URI): every ``step-<N>/`` holding a ``manifest.json``, which the save
+    writes last; objects of a save cut short are not a committed step.
+    """
+    if is_uri(folder):
+        return [s for s, done in step_prefixes(folder).items() if done]
     steps = []
     for name in listdir(folder):
         m = _STEP_RE.match(name)
         if m:
             steps.append(int(m.group(1)))
     return sorted(steps)
+
+
+def step_prefixes(folder: str) -> dict[int, bool]:
+    """Object store: ``{N: has a manifest}`` for every ``step-<N>/`` prefix holding objects.
+
+    One flat listing of ``folder`` (a request per 1000 objects on S3), fresh (no
+    cached listing).
+    """
+    fs, inner = filesystem(folder)
+    base = inner.rstrip("/")
+    try:
+        fs.invalidate_cache(base)
+        found = fs.find(base)
+    except FileNotFoundError:
+        return {}
+    out: dict[int, bool] = {}
+    for path in found:
+        rel = path[len(base) :].lstrip("/").split("/")
+        m = _STEP_RE.match(rel[0])
+        if m and len(rel) > 1:
+            step = int(m.group(1))
+            out[step] = out.get(step, False) or rel[1:] == ["manifest.json"]
+    return dict(sorted(out.items()))
+
+
+def is_committed(folder: str, step: int) -> bool:
+    """Whether ``step`` is committed in ``folder`` (see :func:`committed_steps`)."""
+    path = step_dir(folder, step)
+    if not is_uri(folder):
+        return exists(path)
+    fs, inner = filesystem(join(path, "manifest.json"))
+    fs.invalidate_cache(inner.rsplit("/", 1)[0])
+    return bool(fs.exists(inner))
 
 
 def exists(path: str) -> bool:

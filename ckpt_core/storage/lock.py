@@ -14,12 +14,18 @@ writes, from before step 1 until it closes:
   inode it locked, the standard way to make a deletable lock file race-free).
 * **Object stores** (fsspec URIs): ``<folder>/.ckpt-lease.json`` names the
   owner and an expiry; a background thread renews it every ``ttl / 4``
-  seconds. Another writer takes it over only after it expired. Plain fsspec
-  has no compare-and-swap, so taking a lease is *write, wait, read back*: two
-  writers that both saw no live lease both write, and the one whose write
-  landed first sees the other's owner id when it reads back and gives up. The
-  remaining window is a store that shows a write to other readers later than
-  ``settle_s`` seconds after it returned.
+  seconds. Another writer takes it over only after it expired. On S3 (s3fs)
+  every write of the lease is conditional, a compare-and-swap: the first take
+  is ``PutObject`` with ``If-None-Match: *`` (fails when any lease exists), a
+  take-over of an expired lease and every renewal are ``PutObject`` with
+  ``If-Match: <ETag read>`` (fails when someone wrote it since). Of two writers
+  racing, exactly one wins; the other is refused at once, no waiting. Other
+  fsspec stores (and S3-compatible servers that answer ``NotImplemented`` to
+  those headers) have no compare-and-swap, so taking a lease there is *write,
+  wait, read back*: two writers that both saw no live lease both write, and the
+  one whose write landed first sees the other's owner id when it reads back and
+  gives up. The remaining window is a store that shows a write to other readers
+  later than ``settle_s`` seconds after it returned.
 
 A process holds one lock per folder: managers in one process that write the
 same folder share it (it is released when the last of them releases it).
@@ -41,7 +47,7 @@ import uuid
 from typing import Any
 
 from ckpt_core.errors import FolderLockedError, PreflightError
-from ckpt_core.storage import layout
+from ckpt_core.storage import layout, object_errors, object_io
 
 logger = logging.getLogger(__name__)
 
@@ -278,6 +284,9 @@ class _Lease:
             settle_s = 0.0 if self.folder.startswith("memory://") else LEASE_SETTLE_S
         self.settle_s = settle_s
         self.record: dict[str, Any] = {}
+        #: S3 compare-and-swap (see the module docstring); ``etag`` of our last write.
+        self.conditional = object_io.supports_multipart(self.fs)
+        self.etag: str | None = None
         self.lost: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -288,8 +297,47 @@ class _Lease:
 
         try:
             return _read_json(read, missing_ok=True)
-        except OSError as exc:
-            raise _unwritable(self.what, self.folder, exc) from exc
+        except Exception as exc:
+            raise self._storage_error(exc) from exc
+
+    def _storage_error(self, exc: BaseException) -> BaseException:
+        """A one-line :class:`PreflightError` for a storage failure; else ``exc`` itself."""
+        explained = object_errors.explain(exc, self.folder)
+        if explained is not None:
+            return PreflightError(f"{self.what}: {explained} The run could not lock it.")
+        if isinstance(exc, OSError):
+            return _unwritable(self.what, self.folder, exc)
+        return exc
+
+    def _current_etag(self) -> str | None:
+        try:
+            return self.fs.info(self.inner).get("ETag")
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            raise self._storage_error(exc) from exc
+
+    def _put_if(self, *, if_match: str | None) -> bool:
+        """Write the record only if the lease is still ``if_match`` (None: absent).
+
+        True when written; False when the condition failed (someone else wrote).
+        """
+        self.record["expires"] = time.time() + self.ttl
+        bucket, key, _ = self.fs.split_path(self.inner)
+        condition = {"IfMatch": if_match} if if_match else {"IfNoneMatch": "*"}
+        body = json.dumps(self.record).encode()
+        try:
+            out = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, **condition)
+        except Exception as exc:
+            if object_errors.is_precondition_failure(exc):
+                return False
+            if "NotImplemented" in str(exc):  # a server without conditional writes
+                logger.info("%s: no conditional writes; lease by write-wait-read", self.folder)
+                self.conditional = False  # the caller writes the plain way
+                return True
+            raise self._storage_error(exc) from exc
+        self.etag = out.get("ETag")
+        return True
 
     def _refusal(self, holder: dict[str, Any]) -> FolderLockedError:
         expires = holder.get("expires", 0)
@@ -302,6 +350,8 @@ class _Lease:
         )
 
     def acquire(self) -> None:
+        # The ETag before the content: a write in between makes the conditional put fail.
+        etag = self._current_etag() if self.conditional else None
         holder = self._read()
         if holder and holder.get("owner") != _OWNER_ID and holder.get("expires", 0) > time.time():
             raise self._refusal(holder)
@@ -313,12 +363,16 @@ class _Lease:
                 describe_holder(holder),
             )
         self.record = owner_info()
-        self._write()
-        if self.settle_s:
-            time.sleep(self.settle_s)
-        seen = self._read()
-        if not seen or seen.get("owner") != _OWNER_ID:
-            raise self._refusal(seen or {})
+        if self.conditional:
+            if not self._put_if(if_match=etag):
+                raise self._refusal(self._read() or {})
+        if not self.conditional:
+            self._write()
+            if self.settle_s:
+                time.sleep(self.settle_s)
+            seen = self._read()
+            if not seen or seen.get("owner") != _OWNER_ID:
+                raise self._refusal(seen or {})
         self._thread = threading.Thread(target=self._renew, name="ckpt-lease", daemon=True)
         self._thread.start()
 
@@ -327,8 +381,8 @@ class _Lease:
         try:
             self.fs.makedirs(layout.filesystem(self.folder)[1], exist_ok=True)
             self.fs.pipe_file(self.inner, json.dumps(self.record).encode())
-        except OSError as exc:
-            raise _unwritable(self.what, self.folder, exc) from exc
+        except Exception as exc:
+            raise self._storage_error(exc) from exc
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl / 4) and self.lost is None:
@@ -339,6 +393,11 @@ class _Lease:
 
     def _renew_once(self) -> None:
         """Extend the lease, or record that another owner has it now."""
+        if self.conditional:
+            if not self._put_if(if_match=self.etag):
+                self.lost = describe_holder(self._read())
+                logger.error("%s %s: lease lost to %s", self.what, self.folder, self.lost)
+            return
         seen = self._read()
         if not seen or seen.get("owner") != _OWNER_ID:
             self.lost = describe_holder(seen)

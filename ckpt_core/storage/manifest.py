@@ -140,10 +140,19 @@ def build(
     }
 
 
+def encode(manifest: Mapping[str, Any]) -> bytes:
+    """The bytes :func:`write` puts in ``manifest.json`` (what a signature covers)."""
+    return json.dumps(manifest, indent=1, sort_keys=True).encode()
+
+
 def write(folder: str, manifest: Mapping[str, Any]) -> str:
     """Write ``manifest.json`` into ``folder`` (fsync'd when local); returns its path."""
+    return write_bytes(folder, encode(manifest))
+
+
+def write_bytes(folder: str, data: bytes) -> str:
+    """Write :func:`encode`'s ``data`` as ``folder``'s ``manifest.json``; returns its path."""
     path = layout.join(folder, MANIFEST_NAME)
-    data = json.dumps(manifest, indent=1, sort_keys=True).encode()
     fs, inner = layout.filesystem(path)
     if fs is None:
         with open(inner, "wb") as f:

@@ -26,19 +26,24 @@ Rules (each one a lesson from a lost checkpoint):
 from __future__ import annotations
 
 import logging
-import os
-import re
 import threading
 from collections.abc import Iterable, Sequence
 
 from ckpt_core.errors import CheckpointError
 from ckpt_core.storage import layout, manifest, pins
+from ckpt_core.storage.store import DELETING_PREFIX, store_for
 
 logger = logging.getLogger(__name__)
 
-_TMP_RE = re.compile(r"^\.tmp-step-(\d+)$")
-DELETING_PREFIX = ".deleting-step-"
-_DELETING_RE = re.compile(r"^\.deleting-step-(\d+)$")
+__all__ = [
+    "DELETING_PREFIX",
+    "Purger",
+    "delete_step",
+    "intact_steps",
+    "plan_purge",
+    "purge",
+    "select_deletions",
+]
 
 
 def intact_steps(folder: str) -> list[int]:
@@ -85,7 +90,11 @@ def plan_purge(
     keep_every_n_steps: int = 0,
     keep_steps: Iterable[int] = (),
 ) -> tuple[list[int], list[str]]:
-    """``(steps to delete, leftover folder names to delete)`` without deleting anything.
+    """``(steps to delete, leftover paths to delete)`` without deleting anything.
+
+    Leftovers come from the store (:meth:`ckpt_core.storage.store.LocalStore.leftovers`):
+    staging folders and, on object stores, partial ``step-<N>/`` prefixes and unfinished
+    multipart uploads, older than the newest committed step and not in flight.
 
     Reads the folder listing, the manifests' sizes and ``pins.json``; a malformed
     ``pins.json`` raises (nothing is deleted until it is fixed).
@@ -101,16 +110,7 @@ def plan_purge(
             keep_every_n_steps=keep_every_n_steps,
             keep=keep,
         )
-    flying = {int(s) for s in in_flight}
-    newest = max(committed, default=-1)
-    leftovers = []
-    for name in layout.listdir(folder):
-        m = _TMP_RE.match(name)
-        if m and int(m.group(1)) < newest and int(m.group(1)) not in flying:
-            leftovers.append(name)
-        elif _DELETING_RE.match(name):
-            leftovers.append(name)
-    return steps, leftovers
+    return steps, store_for(folder).leftovers(in_flight)
 
 
 def delete_step(folder: str, step: int) -> bool:
@@ -124,19 +124,7 @@ def delete_step(folder: str, step: int) -> bool:
             return False
         if step in pins.read_pins(folder):  # pinned since the plan was made
             return False
-        path = layout.step_dir(folder, step)
-        if layout.is_uri(folder):
-            fs, inner = layout.filesystem(layout.join(path, manifest.MANIFEST_NAME))
-            if fs.exists(inner):
-                fs.rm(inner)  # no manifest: discovery passes over what is left
-            layout.remove_tree(path)
-        else:
-            trash = layout.join(folder, f"{DELETING_PREFIX}{step}")
-            if layout.exists(trash):
-                layout.remove_tree(trash)
-            os.rename(layout.filesystem(path)[1], layout.filesystem(trash)[1])
-            layout.fsync_dir(layout.filesystem(folder)[1])
-            layout.remove_tree(trash)
+        store_for(folder).remove_step(step)
     return True
 
 
@@ -171,10 +159,10 @@ def purge(
                 logger.info("checkpoint purge: deleted %s", path)
         except Exception as exc:  # noqa: BLE001 - a failed delete must not stop training
             logger.warning("checkpoint purge: could not delete %s (%s); will retry", path, exc)
-    for name in leftovers:
-        path = layout.join(folder, name)
+    store = store_for(folder)
+    for path in leftovers:
         try:
-            layout.remove_tree(path)
+            store.remove_leftover(path)
             deleted.append(path)
             logger.info("checkpoint purge: deleted %s", path)
         except Exception as exc:  # noqa: BLE001

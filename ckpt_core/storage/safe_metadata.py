@@ -268,7 +268,13 @@ def _fsspec_reader_class() -> type:
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
     class SafeFsspecReader(_SafeReading, FsspecReader):
-        """``FsspecReader`` with checked ``.metadata`` and checked items."""
+        """``FsspecReader`` with checked ``.metadata`` and checked items, read as ranges."""
+
+        def read_data(self, plan: Any, planner: Any) -> Future[None]:
+            from ckpt_core.storage.object_io import read_items
+
+            read_items(self, plan, planner)
+            return _done()
 
     return SafeFsspecReader
 
@@ -284,7 +290,7 @@ def safe_reader(checkpoint: str, metadata: Metadata | None = None) -> Any:
     from ckpt_core.storage import layout
 
     if layout.is_uri(checkpoint):
-        reader = _fsspec_reader_class()(checkpoint)
+        reader = _fsspec_reader_class()(checkpoint, **layout.fsspec_options(checkpoint))
     else:
         from ckpt_core.storage.fast_reader import FastFileSystemReader
 

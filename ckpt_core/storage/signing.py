@@ -223,8 +223,13 @@ def sign_folder(
     folder: str,
     key: Any,
     progress: Callable[[str, int], None] | None = None,
+    *,
+    manifest_bytes: bytes | None = None,
 ) -> dict[str, Any]:
     """Write ``signature.json`` into ``folder``; ``key`` is a private key or its PEM path.
+
+    ``manifest_bytes``: the manifest about to be written (an object store signs
+    before its manifest commits the step); read from ``folder`` when not given.
 
     Every file ``manifest.json`` lists is read once: its size and CRC-32 must
     match the manifest (a damaged folder is not signed) and its SHA-256 is
@@ -234,8 +239,9 @@ def sign_folder(
     key = load_private_key(key) if isinstance(key, str) else key
     manifest_path = layout.join(folder, MANIFEST_NAME)
     try:
-        with _open_regular(manifest_path) as f:
-            manifest_bytes = f.read()
+        if manifest_bytes is None:
+            with _open_regular(manifest_path) as f:
+                manifest_bytes = f.read()
     except (OSError, CheckpointError):
         raise CheckpointError(
             f"{folder} has no readable {MANIFEST_NAME}; only folders written by ckpt (a "
