@@ -11,10 +11,12 @@ A save (every rank, collectively):
 1. ``save(step, last_step)`` decides whether ``step`` is saved (interval, first
    step, last step, ``load_only``) and whether an export is due; the work is in
    :meth:`CheckpointManager._do_save`, which subclasses can call with their own gating.
-2. Every rank writes its DCP shards into ``<folder>/.tmp-step-<N>/`` (async:
-   after staging into reused CPU buffers, in a background thread).
-3. After a barrier, rank 0 writes ``manifest.json`` (checksums were computed
-   while the bytes were written) and commits by rename to ``step-<N>``; barrier.
+2. Every rank writes its DCP shards where the store says (local:
+   ``<folder>/.tmp-step-<N>/``; object store: ``step-<N>/`` itself), async: after
+   staging into reused CPU buffers, in a background thread.
+3. After a barrier, rank 0 commits through the store: ``manifest.json`` (checksums
+   were computed while the bytes were written) and the rename (local) or the
+   manifest written last (object store, :mod:`ckpt_core.storage.store`); barrier.
 4. Rank 0 purges old steps (``keep_latest_k``) in a background thread.
 
 The constructor is collective when ``torch.distributed`` is initialized: it
@@ -51,8 +53,9 @@ from ckpt_core.protocol.state_dict_adapter import StateDictAdapter
 from ckpt_core.rank_zero import distributed_on, on_rank_zero
 from ckpt_core.storage import layout, manifest, signing
 from ckpt_core.storage.async_writer import AsyncCheckpointer
-from ckpt_core.storage.dcp_io import storage_writer, written_checksums
+from ckpt_core.storage.dcp_io import written_checksums
 from ckpt_core.storage.purge import Purger
+from ckpt_core.storage.store import store_for, use_storage_options
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +115,8 @@ class CheckpointManager:
                 "and the names passed in states=...)."
             )
         self.export_enabled = self._check_export()
+        use_storage_options(config.storage_options, *self._storage_paths())
+        self.store = store_for(config.folder)  # all of a step's I/O (ckpt_core.storage.store)
         self._model_description = self._describe_model()  # for manifests
         self.process_group = dist.new_group(backend="gloo") if _dist_on() else None
         self.train_state.process_group = self.process_group
@@ -159,6 +164,12 @@ class CheckpointManager:
             export.folder = layout.join(self.config.folder, export.folder)
             logger.info("checkpoint.export.folder not set: exports go to %s", export.folder)
         return True
+
+    def _storage_paths(self) -> list[str]:
+        """Every folder or file this run reads or writes (for ``checkpoint.storage_options``)."""
+        config = self.config
+        paths = [config.folder, config.export.folder, config.initial_load.path]
+        return [p for p in paths + [e.path for e in config.additional_load] if p]
 
     # -- one writer and pre-flight (ckpt_core.storage.lock, ckpt_core.policy.preflight) ----
 
@@ -294,7 +305,7 @@ class CheckpointManager:
         if not self.enabled or self.config.load_only:
             return False
         self._wait_for_previous()
-        if not layout.exists(layout.step_dir(self.config.folder, step)):
+        if not self.store.is_committed(step):
             self._do_save(step, sync=True)
         if self._preemption is not None:
             self._preemption.saved()
@@ -314,14 +325,12 @@ class CheckpointManager:
         self._drain_previous()
         self.acquire()
         self.preflight()
-        folder = self.config.folder
-        final = layout.step_dir(folder, step)
-        if layout.exists(final):
+        final = self.store.step_dir(step)
+        if self.store.is_committed(step):
             logger.warning("%s is already committed; not overwriting it.", final)
             return False
         self.train_state.step = step
-        tmp = layout.tmp_step_dir(folder, step)
-        on_rank_zero(lambda: self._prepare_tmp(tmp, step), self.rank, self.process_group)
+        on_rank_zero(lambda: self._prepare_tmp(step), self.rank, self.process_group)
         state = {name: obj.state_dict() for name, obj in self.states.items()}
         # Everything that reads the live model happens here, on the caller's thread:
         # the background thread sees only staged copies (FSDP2 state-dict hooks are not
@@ -340,17 +349,15 @@ class CheckpointManager:
             logger.info("Staged checkpoint step %d; writing %s in the background", step, final)
         return True
 
-    def _prepare_tmp(self, tmp: str, step: int) -> None:
-        """Rank 0: check the lock is still ours, then an empty ``tmp`` (a crashed earlier
-        attempt at this step is removed; a symbolic link there is refused)."""
+    def _prepare_tmp(self, step: int) -> None:
+        """Rank 0: check the lock is still ours, then an empty staging place for ``step``
+        (a crashed earlier attempt at this step is removed; a symbolic link there is refused)."""
         for held in self._locks or []:
             held.check()
         try:
-            layout.makedirs(self.config.folder)
-            layout.remove_tree(tmp)
-            layout.makedirs(tmp)
+            self.store.prepare(step)
         except OSError as exc:
-            self._save_failed(exc, step, tmp)
+            self._save_failed(exc, step, self.store.staging_dir(step))
 
     def _save_failed(self, exc: BaseException, step: int, tmp: str) -> None:
         """Raise a storage failure as one-line :class:`SaveError` after removing ``tmp``
@@ -359,7 +366,7 @@ class CheckpointManager:
         if error is None:
             raise exc
         if self.rank == 0:
-            save_errors.cleanup(tmp)
+            self.store.abandon(step)
         raise error from exc
 
     def _drain_previous(self) -> None:
@@ -388,10 +395,9 @@ class CheckpointManager:
         return paths
 
     def _write_and_commit(self, state: dict[str, Any], step: int, mesh: Any = None) -> None:
-        """DCP-save ``state`` to the temporary folder, write the manifest, commit, purge."""
-        folder = self.config.folder
-        tmp, final = layout.tmp_step_dir(folder, step), layout.step_dir(folder, step)
-        writer = storage_writer(tmp)
+        """DCP-save ``state`` to the staging place, write the manifest, commit, purge."""
+        tmp = self.store.staging_dir(step)
+        writer = self.store.writer(tmp)
         try:
             dcp.save(
                 state,
@@ -407,31 +413,18 @@ class CheckpointManager:
             dist.all_gather_object(gathered, records, group=self.process_group)
             records = {k: v for part in gathered for k, v in part.items()}
         pause_before_commit()  # CKPT_TEST_SAVE_DELAY_S: tests of signals during a save
-        on_rank_zero(
-            lambda: self._commit(tmp, final, step, records, mesh), self.rank, self.process_group
-        )
+        on_rank_zero(lambda: self._commit(tmp, step, records, mesh), self.rank, self.process_group)
         if self.rank == 0 and self.config.keep_latest_k > 0:
             protected = [] if self._loaded_step is None else [self._loaded_step]
             self._purger.start(protected=protected, in_flight=[step])
 
-    def _commit(self, tmp: str, final: str, step: int, records: dict[str, Any], mesh: Any) -> None:
-        """Rank 0: write the manifest and rename ``tmp`` to ``final`` (a storage failure
-        is a :class:`SaveError`, ``tmp`` removed)."""
+    def _commit(self, tmp: str, step: int, records: dict[str, Any], mesh: Any) -> None:
+        """Rank 0: manifest, signature and commit through the store (a storage failure is
+        a :class:`SaveError`, the uncommitted files removed)."""
         try:
-            files = manifest.file_entries(tmp, records)
-            if layout.is_uri(self.config.folder):
-                # An object store "renames" file by file: a crash midway would leave a
-                # step-<N> with a manifest but missing data. The manifest goes last instead,
-                # so a partly moved step has none and discovery passes over it.
-                layout.commit(tmp, final)
-                manifest.write(final, self._manifest(step, files, mesh))
-                if self._sign_key is not None:
-                    signing.sign_folder(final, self._sign_key)
-            else:
-                manifest.write(tmp, self._manifest(step, files, mesh))
-                if self._sign_key is not None:  # signed before the commit: never unsigned
-                    signing.sign_folder(tmp, self._sign_key)
-                layout.commit(tmp, final)
+            self.store.commit(
+                step, records, lambda files: self._manifest(step, files, mesh), self._sign_key
+            )
         except OSError as exc:
             self._save_failed(exc, step, tmp)
 
