@@ -212,6 +212,15 @@ class ObjectStore(LocalStore):
         """Signature (when signing), then the manifest: one PUT that commits the step."""
         path = self.step_dir(step)
         files = manifest.file_entries(path, records)
+        stale = sorted(set(files) - set(records)) if records else []
+        if stale:  # not written by this save (prepare removes them): never listed
+            logger.warning(
+                "%s: %d object(s) not written by this save, not listed: %s",
+                path,
+                len(stale),
+                ", ".join(stale[:5]),
+            )
+            files = {k: v for k, v in files.items() if k in records}
         data = manifest.encode(build_manifest(files))
         if sign_key is not None:  # before the manifest: a committed step is never unsigned
             from ckpt_core.storage import signing

@@ -24,7 +24,7 @@ import torch
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 
 from ckpt_core.errors import CheckpointError, FolderLockedError, PreflightError, SaveError
-from ckpt_core.storage import layout, lock, manifest
+from ckpt_core.storage import layout, lock, manifest, signing
 from ckpt_core.storage.safe_metadata import loads_metadata, read_metadata
 from tests.core._manager_models import Trainable, assert_same, snapshot
 
@@ -53,12 +53,13 @@ def _optim_tensors(optim: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     }
 
 
-def test_save_resume_is_bit_exact_and_writes_in_place(s3_env, s3_bucket):
+def test_save_resume_is_bit_exact_and_writes_in_place(s3_env, s3_bucket, tmp_path):
     folder = f"{s3_bucket}/run"
-    run = Trainable(folder=folder, interval=1)
+    private, public, _ = signing.generate_key(str(tmp_path / "key"))
+    run = Trainable(folder=folder, interval=1, async_mode="async", sign_key=private)
     for step in (1, 2):
         run.step()
-        run.manager.save(step)
+        run.manager.save(step, last_step=step == 2)  # step 1 async, step 2 sync
     weights, optim = snapshot(run.model), _optim_tensors(run.optim)
     sched = run.sched.state_dict()
     run.manager.close()
@@ -66,8 +67,9 @@ def test_save_resume_is_bit_exact_and_writes_in_place(s3_env, s3_bucket):
     assert "run/step-2/manifest.json" in keys and "run/step-2/__0_0.distcp" in keys
     assert not [k for k in keys if ".tmp-step" in k or "lease" in k]  # no copy, lease gone
 
-    resumed = Trainable(seed=7, folder=folder)
-    assert resumed.manager.load()
+    assert "run/step-2/signature.json" in keys  # signed before the manifest committed it
+    resumed = Trainable(seed=7, folder=folder, verify_key=public)
+    assert resumed.manager.load()  # the signature covers the manifest as written
     assert resumed.manager.train_state.step == 2
     assert_same(snapshot(resumed.model), weights)
     assert_same(_optim_tensors(resumed.optim), optim)
@@ -97,6 +99,7 @@ def test_partial_steps_are_never_loaded_and_retention_removes_them(s3_env, s3_bu
     _copy_objects(s3_env, s3_bucket, "run/step-2", "run/step-3")
     _copy_objects(s3_env, s3_bucket, "run/step-2", "run/step-0")
     upload = _client(s3_env).create_multipart_upload(Bucket=bucket, Key="run/step-0/__1_0.distcp")
+    _client(s3_env).put_object(Bucket=bucket, Key="run/step-3/__1_0.distcp", Body=b"stale rank")
     assert layout.committed_steps(folder) == [1, 2]
 
     resumed = Trainable(seed=3, folder=folder, interval=1, keep_latest_k=2)
