@@ -89,9 +89,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     except BaseException as exc:  # DCP wraps failures in a BaseException: one line each too
         uris = [a.split("=", 1)[-1] for a in argv if "://" in a]  # named by a store's refusal
-        return failures.report(
+        code = failures.report(
             args.command, exc, debug=failures.debug_enabled(args.debug), uris=uris
         )
+    # The failed command's objects (a manager, a device mesh: their gloo process groups and
+    # worker threads) sit in reference cycles through the traceback. Free them now, while
+    # the interpreter is whole: torn down during its shutdown instead, a gloo worker can
+    # abort the process ("terminate called without an active exception", exit -6) after
+    # the error line was printed.
+    import gc
+
+    gc.collect()
+    return code
 
 
 if __name__ == "__main__":
