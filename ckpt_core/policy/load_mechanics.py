@@ -17,7 +17,7 @@ clear error:
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
@@ -121,16 +121,26 @@ def check_step(folder: str, step: int, *, explicit: bool = False) -> dict[str, A
 
 
 def check_model(
-    metadata: Metadata, model_sd: Mapping[str, Any], *, source: str, dtypes: bool = True
+    metadata: Metadata,
+    model_sd: Mapping[str, Any],
+    *,
+    source: str,
+    dtypes: bool = True,
+    elsewhere: Collection[str] = (),
 ) -> None:
-    """Compare live model keys/shapes (and dtypes) with ``model.*`` entries of ``metadata``."""
+    """Compare live model keys/shapes (and dtypes) with ``model.*`` entries of ``metadata``.
+
+    ``elsewhere``: keys other ranks' model parts hold (pipeline stages); a
+    checkpoint key among them is not unexpected here.
+    """
     saved = {
         k[len("model.") :]: v
         for k, v in metadata.state_dict_metadata.items()
         if k.startswith("model.")
     }
     missing = sorted(k for k in model_sd if k not in saved)
-    unexpected = sorted(k for k in saved if k not in model_sd)
+    held = set(elsewhere)
+    unexpected = sorted(k for k in saved if k not in model_sd and k not in held)
     lines = []
     if missing:
         lines.append(f"Model keys missing from the checkpoint ({len(missing)}): {_few(missing)}")

@@ -66,9 +66,22 @@ def _load_dcp(
 ) -> None:
     metadata = read_metadata(path)
     model_sd = (states["model"] if "model" in states else manager.states["model"]).state_dict()
-    resume.check_model(metadata, model_sd, source=path, dtypes=exact)
+    elsewhere = _keys_elsewhere(manager, model_sd)
+    resume.check_model(metadata, model_sd, source=path, dtypes=exact, elsewhere=elsewhere)
     resume.check_states(metadata, [n for n in states if n != "model"], source=path)
     resume.dcp_load(path, states, process_group=manager.process_group, metadata=metadata)
+
+
+def _keys_elsewhere(manager: CheckpointManager, model_sd: dict[str, Any]) -> set[str]:
+    """Model keys any rank holds (pipeline stages hold disjoint layers); empty on one rank."""
+    group = manager.process_group
+    if group is None:
+        return set()
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, sorted(model_sd), group=group)
+    return set().union(*gathered)
 
 
 def _resume(manager: CheckpointManager, step: int, explicit: bool = False) -> None:

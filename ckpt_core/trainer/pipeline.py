@@ -14,9 +14,9 @@ not divide the layers is a ConfigError. Each part is parallelized on its own
 (TP, EP, FSDP over ``dp_shard``) and gets its own optimizer and LR scheduler,
 so ``model_parts`` holds one module per stage of the rank.
 
-The loss is the cross-entropy of each microbatch on the last stage; the
-schedule scales the gradients by ``1 / microbatches``, so a step is the
-full-batch mean as without PP (up to float rounding). Its value for metrics is
+The loss is the cross-entropy of each microbatch on the last stage divided by
+the microbatch count, so the summed gradients of a step are the full-batch
+mean as without PP (up to float rounding). Its value for metrics is
 broadcast from the last stage over the ``pp`` group; the gradient norm for
 clipping sums every stage's squares over ``pp``.
 
@@ -105,8 +105,16 @@ def microbatches(parallelism: Any, num_stages: int, pp: int, local_batch: int) -
     return n
 
 
-def _loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+class _MicrobatchLoss:
+    """Cross-entropy of one microbatch divided by the microbatch count: the gradients
+    the schedule sums are the full batch's mean (its own scaling is off, it did not
+    apply to every schedule and FSDP combination)."""
+
+    def __init__(self, n_microbatches: int) -> None:
+        self.n = n_microbatches
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()) / self.n
 
 
 class Pipeline:
@@ -140,10 +148,15 @@ class Pipeline:
             for part, s in zip(self.parts, self.stage_ids)
         ]
         self.n_microbatches = microbatches(parallelism, self.num_stages, self.pp, local_batch)
+        loss_fn = _MicrobatchLoss(self.n_microbatches)
         if per_rank > 1:
-            self.schedule = ScheduleInterleaved1F1B(self.stages, self.n_microbatches, _loss)
+            self.schedule = ScheduleInterleaved1F1B(
+                self.stages, self.n_microbatches, loss_fn, scale_grads=False
+            )
         else:
-            self.schedule = Schedule1F1B(self.stages[0], self.n_microbatches, _loss)
+            self.schedule = Schedule1F1B(
+                self.stages[0], self.n_microbatches, loss_fn, scale_grads=False
+            )
         self.has_first = 0 in self.stage_ids
         self.has_last = self.num_stages - 1 in self.stage_ids
         #: pp-group rank of the last stage, and its global rank for broadcasts.
@@ -164,8 +177,8 @@ class Pipeline:
             self.schedule.step(inputs, target=targets, losses=losses)
         else:
             self.schedule.step(target=targets, losses=losses)
-        if self.has_last:
-            loss = torch.stack([x.detach().float() for x in losses]).mean()
+        if self.has_last:  # each microbatch's loss came divided by their count
+            loss = torch.stack([x.detach().float() for x in losses]).sum()
         else:
             loss = torch.zeros((), dtype=torch.float32, device=targets.device)
         dist.broadcast(loss, src=self.last_src, group=self.group)
@@ -175,21 +188,21 @@ class Pipeline:
         """Clip to ``max_norm`` by the norm over every stage's gradients; returns it."""
         from torch.distributed.tensor import DTensor
 
-        groups: dict[Any, list[torch.Tensor]] = {}
+        groups: dict[Any, list[nn.Parameter]] = {}
         for p in params:
             if p.grad is None:
                 continue
             key = (id(p.device_mesh), tuple(p.placements)) if isinstance(p, DTensor) else None
-            groups.setdefault(key, []).append(p.grad)
+            groups.setdefault(key, []).append(p)
         squares = torch.zeros((), dtype=torch.float32, device=params[0].device)
-        for grads in groups.values():
-            norm = torch.nn.utils.get_total_norm(grads)
+        for group in groups.values():
+            norm = torch.nn.utils.get_total_norm([p.grad for p in group])
             norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
             squares = squares + norm.float().to(squares.device) ** 2
         dist.all_reduce(squares, group=self.group)
         total = squares.sqrt()
-        for grads in groups.values():
-            torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total)
+        for group in groups.values():
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
         return total
 
 
