@@ -173,6 +173,30 @@ GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_posi
                 ).save_pretrained("exported")
 """
 
+_TINY_LLAMA_S3 = (
+    _TINY_LLAMA
+    + """
+import os
+import pytest
+
+pytest.importorskip("s3fs")
+pytest.importorskip("moto")
+import boto3
+from moto.server import ThreadedMotoServer
+
+_server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # loopback S3
+_server.start()
+os.environ.update(
+    AWS_ENDPOINT_URL="http://%s:%d" % _server.get_host_and_port(),
+    AWS_ACCESS_KEY_ID="docs",
+    AWS_SECRET_ACCESS_KEY="docs",
+    AWS_DEFAULT_REGION="us-east-1",
+)
+boto3.client("s3").create_bucket(Bucket="my-bucket")
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+"""
+)
+
 #: setup name → (code run first, whether it needs an interpreter of its own)
 SETUPS: dict[str, tuple[str, bool]] = {
     "tiny-llama": (_TINY_LLAMA, False),
@@ -181,6 +205,7 @@ SETUPS: dict[str, tuple[str, bool]] = {
     "hf-llama-folder": (_HF_LLAMA_FOLDER, False),
     "transformers-distributed": (_TRANSFORMERS_DISTRIBUTED, True),
     "gpt2-export": (_GPT2_EXPORT, False),
+    "tiny-llama-s3": (_TINY_LLAMA_S3, False),
 }
 
 #: Runs jobs (a JSON list of {"id", "setup", "code", "cwd"}) one after another in one
