@@ -7,7 +7,8 @@ converter set (none, lora, qat, qat+lora), in the same processes:
   pipeline stages with two stages per rank), exporting the last step;
 * ``chain``: ``u``'s step-2 checkpoint resumed on layout B (no EP / no PP,
   FSDP over 4) for steps 3-4, then on layout A again for steps 5-6: model,
-  optimizer, scheduler, loader and train state cross both ways.
+  optimizer, scheduler, loader and train state cross both ways;
+* ``same`` (no converters): ``u``'s step 4 resumed on layout A, bit-exact.
 
 The parent then checks the chain's losses against ``u`` (within
 :data:`LOSS_TOL`, the reduction order changed; :data:`QAT_LOSS_TOL` with QAT)
@@ -113,6 +114,13 @@ def _ep_gradients(rank: int, world: int) -> float:
     return worst
 
 
+def _fork(src: str, dst: str, step: int) -> None:
+    """A run folder holding ``src``'s checkpoint ``step`` and its metrics up to it."""
+    shutil.copytree(f"{src}/checkpoints/step-{step}", f"{dst}/checkpoints/step-{step}")
+    lines = Path(f"{src}/metrics.jsonl").read_text().splitlines(keepends=True)
+    Path(f"{dst}/metrics.jsonl").write_text("".join(lines[:step]))
+
+
 def _chains(rank: int, world: int, root: str, model: str, layout: list[str]) -> float:
     """Every converter set: ``u`` on layout A, then the A -> B -> A chain."""
     import time
@@ -125,13 +133,16 @@ def _chains(rank: int, world: int, root: str, model: str, layout: list[str]) -> 
         base = os.path.join(root, name)
         _train(_cfg(f"{base}/u", model, STEPS, layout + conv, True), rank, world)
         chain = f"{base}/chain"
+        same = f"{base}/same"  # u's step 4 resumed on its own layout (no converters only)
         if rank == 0:  # steps 1-2 on layout A are u's: start the chain from its step 2
-            shutil.copytree(f"{base}/u/checkpoints/step-2", f"{chain}/checkpoints/step-2")
-            lines = Path(f"{base}/u/metrics.jsonl").read_text().splitlines(keepends=True)
-            Path(f"{chain}/metrics.jsonl").write_text("".join(lines[:2]))
+            _fork(f"{base}/u", chain, 2)
+            if not conv:
+                _fork(f"{base}/u", same, 4)
         dist.barrier()
         _train(_cfg(chain, model, 4, conv, False), rank, world)
         _train(_cfg(chain, model, 6, layout + conv, False), rank, world)
+        if not conv:
+            _train(_cfg(same, model, 6, layout, False), rank, world)
     if rank == 0:
         print(f"{layout}: {time.perf_counter() - t0:.1f}s")
     return worst
@@ -160,6 +171,8 @@ def _check(root: Path, model: str) -> None:
         for step in range(3, STEPS + 1):
             tol = QAT_LOSS_TOL if "qat" in name else LOSS_TOL
             assert abs(chain[step] - u[step]) < tol, (name, step, chain[step], u[step])
+        if not conv:  # the same layout resumes bit-exact
+            assert _losses(root / name / "same") == u, name
         print(f"{name}: largest loss difference {max(abs(chain[s] - u[s]) for s in chain):.2e}")
         # One rank loads u's last checkpoint and exports it: the same tensors.
         one = root / name / "one"
