@@ -6,7 +6,7 @@
   the path, the system's words for the errno and a fix, exit 2 when the user's
   path or permissions are wrong, 1 when the storage failed;
 * an object store's refusal (no credentials, no such bucket, access denied):
-  the command's URI and the fix, exit 2 (:mod:`ckpt_core.cli.object_store_errors`);
+  the command's URI and the fix, exit 2 (:mod:`ckpt_core.storage.object_errors`);
 * anything else: ``internal error: <type>: <message>``, exit 1.
 
 A failure inside ``torch.distributed.checkpoint`` arrives wrapped in its
@@ -86,14 +86,15 @@ def describe(exc: BaseException, uris: Sequence[str] = ()) -> tuple[int, str]:
     ``uris``: the command's object-store URIs, named by an object store's refusal
     (no credentials, no bucket, access denied: exit 2).
     """
-    from ckpt_core.cli.object_store_errors import object_store_line
-
     exc = unwrap(exc)
     if isinstance(exc, CkptError):
         return exc.exit_code, "error: " + one_line(str(exc))
-    store = object_store_line(exc, uris)
-    if store is not None:
-        return 2, "error: " + one_line(store)
+    if uris:
+        from ckpt_core.storage.object_errors import explain
+
+        store = explain(exc, uris[0])
+        if store is not None:
+            return 2, "error: " + one_line(store)
     if isinstance(exc, OSError) and exc.errno is not None:
         code, line = _os_error_line(exc)
         return code, "error: " + line
