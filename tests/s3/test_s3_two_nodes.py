@@ -1,4 +1,4 @@
-"""Two nodes with no shared disk save to one S3 prefix; other node/rank counts resume from it.
+"""Two nodes with no shared disk save to one S3 prefix; one node with two ranks resumes from it.
 
 Two ``torchrun --nnodes 2 --nproc-per-node 1`` processes rendezvous on
 127.0.0.1 (c10d), each in its own private working directory with a private
