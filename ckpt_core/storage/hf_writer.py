@@ -34,6 +34,7 @@ import torch
 from ckpt_core.dtensor_utils import full_tensor, with_local
 from ckpt_core.errors import ConfigError, ExportContentError
 from ckpt_core.export_spec import HFGroup, cast_dtype
+from ckpt_core.rank_zero import distributed_on
 from ckpt_core.storage import layout
 from ckpt_core.storage.manifest import crc32_hex
 
@@ -338,17 +339,21 @@ def _write_file(
 ) -> tuple[int, str] | None:
     """Write one safetensors file (on the writing rank; others only gather).
 
-    A write that fails stops the writing, not the gathering: the writing rank still
-    takes part in every gather of the file (so no other rank waits for it), then raises.
+    A write that fails stops the writing, not the gathering: with several ranks, the
+    writing rank still takes part in every gather of the file (so no other rank waits
+    for it), then raises; alone, it raises at once.
     """
     out = _StagedFile(path, staging, pool) if pool is not None else None
     failure: OSError | None = None
+    alone = not distributed_on()
     try:
         if out is not None:
             out.write_bytes(_header(entries))
     except OSError as exc:
         failure = exc
     for e in entries:
+        if failure is not None and alone:
+            break
         full = _gather(e.tensor)
         if out is not None and failure is None:
             try:
@@ -356,7 +361,7 @@ def _write_file(
             except OSError as exc:
                 failure = exc
         del full
-        if progress is not None:
+        if progress is not None and failure is None:
             progress(e.nbytes)
     if failure is not None:
         out.abort()
@@ -416,7 +421,9 @@ def write_hf_folder(
     written: dict[str, tuple[int, str]] = {}
     staging = _Staging(buffer_bytes)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-crc") if is_writer else None
-    failure: OSError | None = None  # the writer's first; it then only gathers, raises at the end
+    # With several ranks, the writer's first failure; it then only gathers, raises at the end.
+    failure: OSError | None = None
+    alone = not distributed_on()
     try:
         for group in groups:
             entries = _plan(group.tensors, dtype)
@@ -438,6 +445,8 @@ def write_hf_folder(
                     try:
                         layout.makedirs(layout.join(folder, group.subfolder))
                     except OSError as exc:
+                        if alone:
+                            raise
                         failure = exc
             for name, part in zip(names, files):
                 writer = pool if failure is None else None
@@ -446,6 +455,8 @@ def write_hf_folder(
                         layout.join(folder, sub + name), part, staging, writer, progress
                     )
                 except OSError as exc:
+                    if alone:
+                        raise
                     failure, result = exc, None
                 if result is not None:
                     written[sub + name] = result
@@ -454,6 +465,8 @@ def write_hf_folder(
             try:
                 written.update(_write_group_extras(folder, group, entries, names, files, sub))
             except OSError as exc:
+                if alone:
+                    raise
                 failure = exc
         if failure is not None:
             raise failure
