@@ -161,6 +161,12 @@ def _tensors(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
     }
 
 
+def _same(a: dict[str, dict[str, torch.Tensor]], b: dict[str, dict[str, torch.Tensor]]) -> bool:
+    return sorted(a) == sorted(b) and all(
+        sorted(a[f]) == sorted(b[f]) and all(torch.equal(a[f][k], b[f][k]) for k in a[f]) for f in a
+    )
+
+
 def _check(root: Path, model: str) -> None:
     from ckpt_core.trainer.launch import Dist
     from ckpt_core.trainer.loop import train
@@ -173,6 +179,13 @@ def _check(root: Path, model: str) -> None:
             assert abs(chain[step] - u[step]) < tol, (name, step, chain[step], u[step])
         if not conv:  # the same layout resumes bit-exact
             assert _losses(root / name / "same") == u, name
+            # ckpt convert of the EP/PP checkpoint, offline on one process: the same tensors.
+            from ckpt_core.cli.convert_cmd import convert
+
+            dst = root / name / "converted"
+            convert(str(root / name / "u" / "checkpoints"), str(dst), to="hf", dtype="float32")
+            exported = _tensors(root / name / "u" / "export" / f"step-{STEPS}")
+            assert _same(_tensors(dst), exported), name
         print(f"{name}: largest loss difference {max(abs(chain[s] - u[s]) for s in chain):.2e}")
         # One rank loads u's last checkpoint and exports it: the same tensors.
         one = root / name / "one"
