@@ -76,3 +76,13 @@ def test_initial_load_takes_a_dcp_step_on_s3(s3_run, s3_env, tmp_path):
     load = ("--checkpoint.initial_load.path", step, "--checkpoint.initial_load.format", "dcp")
     proc = _ok(_train(tmp_path, "--job.folder", str(tmp_path), *load, steps=2))
     assert step in proc.stderr and layout.committed_steps(str(tmp_path / "checkpoints")) == [2]
+
+
+def test_a_missing_bucket_stops_ckpt_train_before_step_1_with_one_line(s3_env, tmp_path):
+    run = "s3://ckpt-no-such-bucket-train/run"
+    proc = _train(tmp_path, "--job.folder", run, steps=2)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("ckpt train:")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    assert "ckpt-no-such-bucket-train" in lines[0] and "does not exist" in lines[0]
+    assert not (tmp_path / "ckpt-spool").exists()  # no step ran, no metrics line
