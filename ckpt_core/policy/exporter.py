@@ -35,7 +35,7 @@ from ckpt_core.errors import (
 from ckpt_core.protocol.plugin_host import ConverterSet
 from ckpt_core.protocol.state_dict_adapter import StateDictAdapter
 from ckpt_core.rank_zero import distributed_on, on_rank_zero
-from ckpt_core.storage import layout
+from ckpt_core.storage import layout, store
 
 logger = logging.getLogger(__name__)
 
@@ -67,19 +67,7 @@ def _default_group() -> Any:
 
 def tmp_path_for(final_path: str) -> str:
     """The temporary folder beside ``final_path`` (``.tmp-step-N`` for ``step-N``)."""
-    final_path = final_path.rstrip("/")
-    parent, _, name = (
-        final_path.rpartition("/")
-        if layout.is_uri(final_path)
-        else (
-            os.path.dirname(final_path),
-            "",
-            os.path.basename(final_path),
-        )
-    )
-    if name.startswith(layout.STEP_PREFIX) and name[len(layout.STEP_PREFIX) :].isdigit():
-        return layout.tmp_step_dir(parent or ".", int(name[len(layout.STEP_PREFIX) :]))
-    return layout.join(parent or ".", f".tmp-{name}")
+    return store.sibling_tmp(final_path)
 
 
 def write_export(
@@ -112,10 +100,10 @@ def write_export(
     converters = converters if converters is not None else wrapper.converters
     transforms = StateDictTransforms(sd_adapter, converters)
     rank, world = _dist()
-    tmp = tmp_path_for(final_path)
+    tmp = store.staging_for(final_path)  # beside it locally, in place on an object store
 
     def prepare() -> None:
-        if layout.exists(final_path):
+        if store.folder_committed(final_path):
             raise DestinationExistsError(
                 f"{final_path} already exists; refusing to overwrite an export. Remove it or "
                 "export to another folder."
@@ -141,12 +129,8 @@ def write_export(
     def commit() -> None:
         if failure is not None:
             raise failure
-        _write_manifest(tmp, known, step, world, converters, sd_adapter)
-        if sign_key is not None:
-            from ckpt_core.storage import signing
-
-            signing.sign_folder(tmp, sign_key)
-        layout.commit(tmp, final_path)
+        data = _export_manifest(tmp, known, step, world, converters, sd_adapter)
+        store.commit_folder(tmp, final_path, data, sign_key)
 
     on_rank_zero(commit, rank, group)
     logger.info(
@@ -228,20 +212,25 @@ def _dcp_save(folder: str, state_dict: dict[str, Any]) -> dict[str, tuple[int, s
     return written_checksums(writer)
 
 
-def _write_manifest(
+def _write_manifest(folder: str, *args: Any) -> None:
+    """Write into ``folder`` the manifest :func:`_export_manifest` builds from ``args``."""
+    from ckpt_core.storage import manifest
+
+    manifest.write(folder, _export_manifest(folder, *args))
+
+
+def _export_manifest(
     folder: str,
     known: dict[str, tuple[int, str]],
     step: int | None,
     world: int,
     converters: ConverterSet | None,
     sd_adapter: StateDictAdapter | None,
-) -> None:
-    try:
-        from ckpt_core.storage import manifest
-    except ImportError:
-        logger.warning("ckpt_core.storage.manifest is not available; export has no manifest")
-        return
-    data = manifest.build(
+) -> dict[str, Any]:
+    """The export manifest of the files in ``folder``."""
+    from ckpt_core.storage import manifest
+
+    return manifest.build(
         kind="export",
         step=step if step is not None else -1,
         files=manifest.file_entries(folder, known),
@@ -251,7 +240,6 @@ def _write_manifest(
         if sd_adapter is not None
         else None,
     )
-    manifest.write(folder, data)
 
 
 def load_hf(

@@ -55,7 +55,7 @@ from ckpt_core.storage import layout, manifest, signing
 from ckpt_core.storage.async_writer import AsyncCheckpointer
 from ckpt_core.storage.dcp_io import written_checksums
 from ckpt_core.storage.purge import Purger
-from ckpt_core.storage.store import store_for, use_storage_options
+from ckpt_core.storage.store import folder_committed, staging_for, store_for, use_storage_options
 
 logger = logging.getLogger(__name__)
 
@@ -461,7 +461,7 @@ class CheckpointManager:
         self.preflight()
         export = self.config.export
         final = layout.step_dir(export.folder, step)
-        if layout.exists(final):
+        if folder_committed(final):
             logger.warning("%s already exists; not exporting step %d again.", final, step)
             return
         try:
@@ -476,15 +476,13 @@ class CheckpointManager:
                 sign_key=self._sign_key,
             )
         except BaseException as exc:  # DCP's CheckpointException is a BaseException
-            from ckpt_core.policy.exporter import tmp_path_for
-
             error = save_errors.as_save_error(
                 exc, f"exporting step {step} to {final}", export.folder
             )
             if error is None:
                 raise
             if self.rank == 0:
-                save_errors.cleanup(tmp_path_for(final))
+                save_errors.cleanup(staging_for(final))
             raise error from exc
         logger.info("Exported step %d to %s", step, final)
 

@@ -130,13 +130,7 @@ class LocalStore:
     ) -> str:
         staging, final = self.staging_dir(step), self.step_dir(step)
         files = manifest.file_entries(staging, records)
-        data = manifest.encode(build_manifest(files))
-        manifest.write_bytes(staging, data)
-        if sign_key is not None:  # signed before the commit: never unsigned
-            from ckpt_core.storage import signing
-
-            signing.sign_folder(staging, sign_key)
-        layout.commit(staging, final)
+        commit_folder(staging, final, build_manifest(files), sign_key)
         return final
 
     def abandon(self, step: int) -> None:
@@ -221,12 +215,7 @@ class ObjectStore(LocalStore):
                 ", ".join(stale[:5]),
             )
             files = {k: v for k, v in files.items() if k in records}
-        data = manifest.encode(build_manifest(files))
-        if sign_key is not None:  # before the manifest: a committed step is never unsigned
-            from ckpt_core.storage import signing
-
-            signing.sign_folder(path, sign_key, manifest_bytes=data)
-        manifest.write_bytes(path, data)  # the commit: one PUT, whole or absent
+        commit_folder(path, path, build_manifest(files), sign_key)
         return path
 
     def abandon(self, step: int) -> None:
@@ -289,3 +278,56 @@ def use_storage_options(options: Mapping[str, Any] | None, *paths: str) -> None:
     for path in paths:
         if path and layout.is_uri(path):
             layout.set_storage_options(path, dict(options or {}))
+
+
+# -- folders committed as a unit (exports, converted checkpoints) -----------------------
+
+
+def sibling_tmp(final: str) -> str:
+    """The temporary folder beside ``final`` (``.tmp-step-N`` for ``step-N``)."""
+    final = final.rstrip("/")
+    if layout.is_uri(final):
+        parent, _, name = final.rpartition("/")
+    else:
+        import os
+
+        parent, name = os.path.dirname(final), os.path.basename(final)
+    if name.startswith(layout.STEP_PREFIX) and name[len(layout.STEP_PREFIX) :].isdigit():
+        return layout.tmp_step_dir(parent or ".", int(name[len(layout.STEP_PREFIX) :]))
+    return layout.join(parent or ".", f".tmp-{name}")
+
+
+def staging_for(final: str) -> str:
+    """Where a folder committed as a unit is written: beside it locally, in place on an
+    object store (see the module docstring)."""
+    return final if layout.is_uri(final) else sibling_tmp(final)
+
+
+def folder_committed(final: str) -> bool:
+    """Whether ``final`` is a committed folder: there (local) or holding its manifest
+    (object store; objects without one are a write cut short)."""
+    if not layout.is_uri(final):
+        return layout.exists(final)
+    return layout.exists(layout.join(final, manifest.MANIFEST_NAME))
+
+
+def commit_folder(staging: str, final: str, data: Mapping[str, Any], sign_key: Any = None) -> None:
+    """Commit a folder written at :func:`staging_for`: manifest ``data`` and signature,
+    then the rename (local), or in place (``staging == final``, object store): the
+    signature first, then the manifest, one PUT, whole or absent, that commits it. Either
+    way a committed folder is never unsigned."""
+    with _os_errors():
+        encoded = manifest.encode(data)
+        if staging == final:  # in place: the manifest commits, so it goes last
+            if sign_key is not None:
+                from ckpt_core.storage import signing
+
+                signing.sign_folder(final, sign_key, manifest_bytes=encoded)
+            manifest.write_bytes(final, encoded)
+            return
+        manifest.write_bytes(staging, encoded)
+        if sign_key is not None:
+            from ckpt_core.storage import signing
+
+            signing.sign_folder(staging, sign_key)
+        layout.commit(staging, final)

@@ -309,3 +309,16 @@ def test_storage_problems_are_one_line_before_step_1(s3_env, s3_bucket, monkeypa
         run.manager.preflight()
     message = str(refused.value)
     assert "\n" not in message and expect in message and folder in message
+
+
+def test_an_export_to_s3_is_written_in_place_and_committed_by_its_manifest(s3_env, s3_bucket):
+    from ckpt_core.policy.exporter import write_export
+
+    run = Trainable(folder=f"{s3_bucket}/run")
+    final = f"{s3_bucket}/export/step-1"
+    # A cut-off export left objects there: not an export, replaced by a complete one.
+    layout.write_file(layout.join(final, "stale.distcp"), b"partial")
+    write_export(run.manager.wrapper, final, fmt="dcp", dtype=None, sd_adapter=None, step=1)
+    keys = [k for k in _keys(s3_env, s3_bucket) if k.startswith("export/")]
+    assert "export/step-1/manifest.json" in keys and not [k for k in keys if ".tmp" in k]
+    assert manifest.verify(final) == []  # the stale object went first
