@@ -21,7 +21,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Any
 
@@ -144,6 +144,9 @@ class PartUploadStream:
             return
         for f in self._parts:
             f.cancel()
+        wait(self._parts)  # a part landing after the abort would keep the upload alive
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         try:
             self.fs.call_s3(
                 "abort_multipart_upload", Bucket=self.bucket, Key=self.key, UploadId=self._upload_id

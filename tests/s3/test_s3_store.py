@@ -322,3 +322,26 @@ def test_an_export_to_s3_is_written_in_place_and_committed_by_its_manifest(s3_en
     keys = [k for k in _keys(s3_env, s3_bucket) if k.startswith("export/")]
     assert "export/step-1/manifest.json" in keys and not [k for k in keys if ".tmp" in k]
     assert manifest.verify(final) == []  # the stale object went first
+
+
+def test_a_data_file_goes_up_as_parallel_parts_and_an_aborted_one_leaves_nothing(s3_env, s3_bucket):
+    from ckpt_core.storage import object_io
+
+    fs, inner = layout.filesystem(f"{s3_bucket}/big.distcp")
+    part = object_io.MIN_PART
+    data = os.urandom(2 * part + 12345)
+    stream = object_io.PartUploadStream(fs, inner, size=part, workers=2)
+    for start in range(0, len(data), 3_000_001):  # writes that straddle part boundaries
+        stream.write(memoryview(data)[start : start + 3_000_001])
+    assert stream.tell() == len(data) and len(stream._buf) < part  # one part buffered at most
+    stream.close()
+    bucket = s3_bucket.split("://", 1)[1]
+    head = _client(s3_env).head_object(Bucket=bucket, Key="big.distcp")
+    assert head["ETag"].strip('"').endswith("-3")  # a multipart upload of three parts
+    assert _client(s3_env).get_object(Bucket=bucket, Key="big.distcp")["Body"].read() == data
+
+    broken = object_io.PartUploadStream(fs, f"{inner}.2", size=part, workers=2)
+    broken.write(data)
+    broken.abort()  # a failed save: no object, no upload left behind
+    assert "big.distcp.2" not in _keys(s3_env, s3_bucket)
+    assert not _client(s3_env).list_multipart_uploads(Bucket=bucket).get("Uploads")
