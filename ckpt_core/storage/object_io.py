@@ -234,8 +234,9 @@ def abandoned_uploads(folder: str) -> list[tuple[str, str]]:
     if fs is None or not supports_multipart(fs):
         return []
     bucket, prefix, _ = fs.split_path(inner)
+    prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
     try:
-        out = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix.rstrip("/") + "/")
+        out = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix)
     except Exception as exc:  # noqa: BLE001 - not allowed or not supported: nothing to do
         logger.debug("cannot list multipart uploads under %s: %s", folder, exc)
         return []

@@ -228,7 +228,8 @@ class ObjectStore(LocalStore):
     def leftovers(self, in_flight: Iterable[int] = ()) -> list[str]:
         """Partial ``step-<N>/`` prefixes (no manifest) older than the newest committed step
         and not in flight, staging folders of older versions, and unfinished multipart
-        uploads under the folder (named ``upload:<key>:<id>``)."""
+        uploads of files directly in such a ``step-<N>/`` (named ``upload:<key>:<id>``;
+        uploads elsewhere under the folder, e.g. an export being written, are left alone)."""
         flying = {int(s) for s in in_flight}
         prefixes = layout.step_prefixes(self.folder)
         newest = max((s for s, done in prefixes.items() if done), default=-1)
@@ -244,9 +245,9 @@ class ObjectStore(LocalStore):
         bucket_prefix = base.split("/", 1)[1] if "/" in base else ""
         for key, upload_id in object_io.abandoned_uploads(self.folder):
             rel = key[len(bucket_prefix) :].lstrip("/").split("/")
-            m = re.match(r"^step-(\d+)$", rel[0]) if rel else None
-            if m and (int(m.group(1)) >= newest or int(m.group(1)) in flying):
-                continue  # a save in progress may own it
+            m = re.match(r"^step-(\d+)$", rel[0]) if len(rel) == 2 else None
+            if m is None or int(m.group(1)) >= newest or int(m.group(1)) in flying:
+                continue  # not a step's data file (an export's?), or a save in progress owns it
             out.append(f"upload:{key}:{upload_id}")
         return out
 

@@ -99,6 +99,7 @@ def test_partial_steps_are_never_loaded_and_retention_removes_them(s3_env, s3_bu
     _copy_objects(s3_env, s3_bucket, "run/step-2", "run/step-3")
     _copy_objects(s3_env, s3_bucket, "run/step-2", "run/step-0")
     upload = _client(s3_env).create_multipart_upload(Bucket=bucket, Key="run/step-0/__1_0.distcp")
+    export = _client(s3_env).create_multipart_upload(Bucket=bucket, Key="run/export/step-9/a.bin")
     _client(s3_env).put_object(Bucket=bucket, Key="run/step-3/__1_0.distcp", Body=b"stale rank")
     assert layout.committed_steps(folder) == [1, 2]
 
@@ -114,9 +115,9 @@ def test_partial_steps_are_never_loaded_and_retention_removes_them(s3_env, s3_bu
     assert layout.committed_steps(folder) == [2, 3, 4]
     assert manifest.verify(layout.step_dir(folder, 3)) == []
     prefixes = sorted({k.split("/")[1] for k in _keys(s3_env, s3_bucket)})
-    assert prefixes == ["step-2", "step-3", "step-4"]
-    left = _client(s3_env).list_multipart_uploads(Bucket=bucket).get("Uploads", [])
-    assert upload["UploadId"] not in [u["UploadId"] for u in left]
+    assert prefixes == ["step-2", "step-3", "step-4"]  # the export upload has no object yet
+    left = [u["UploadId"] for u in _client(s3_env).list_multipart_uploads(Bucket=bucket)["Uploads"]]
+    assert upload["UploadId"] not in left and export["UploadId"] in left  # an export's: not ours
 
 
 def test_a_server_stopped_mid_save_is_one_line_and_loses_nothing(s3_env, s3_bucket, monkeypatch):
