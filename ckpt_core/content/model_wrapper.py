@@ -85,6 +85,10 @@ def tensor_shape(value: Any) -> tuple[int, ...] | None:
 class ModelWrapper:
     """Views over one model or several model parts (pipeline stages)."""
 
+    #: True when this rank's parts are only some of the model's stages (pipeline
+    #: parallel): keys a loaded folder holds beyond them belong to other ranks.
+    partial: bool = False
+
     def __init__(
         self, model: nn.Module | Iterable[nn.Module], converters: ConverterSet | None = None
     ) -> None:

@@ -264,7 +264,14 @@ def load_hf(
     converters = converters if converters is not None else wrapper.converters
     transforms = StateDictTransforms(sd_adapter, converters)
     containers = transforms.base_containers(wrapper.state_dict("full"))
-    read_into(containers, path, quantized=fmt == "hf_quantized", strict=True)
+    # Pipeline stages (wrapper.partial) leave the other stages' tensors to other ranks.
+    read_into(
+        containers,
+        path,
+        quantized=fmt == "hf_quantized",
+        strict=True,
+        report_unexpected=not getattr(wrapper, "partial", False),
+    )
     wrapper.load_state_dict(transforms.sd_adapter.from_hf(containers), strict=False)
     logger.info("loaded %d tensors from %s (%s)", len(containers), path, fmt)
 

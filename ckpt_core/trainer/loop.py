@@ -43,7 +43,7 @@ from ckpt_core.trainer.parallel import (
     dp_mean,
     parallelize,
 )
-from ckpt_core.trainer.pipeline import Pipeline, PipelineExportView
+from ckpt_core.trainer.pipeline import Pipeline
 
 logger = logging.getLogger("ckpt_core.trainer")
 
@@ -234,8 +234,8 @@ def train(cfg: TrainConfig, dist_info: Dist) -> dict[str, Any]:
         converters=converters,
         sd_adapter=adapter,
     )
-    if pipe is not None:  # exports see the unsplit model on every rank
-        manager.export_wrapper = PipelineExportView(manager.wrapper, pipe.group)
+    if pipe is not None:
+        pipe.attach(manager)  # exports see the unsplit model; loads expect part of it
     metrics: MetricsWriter | None = None
     progress: Progress | None = None
     preempted: int | None = None

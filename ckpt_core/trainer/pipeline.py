@@ -170,6 +170,12 @@ class Pipeline:
             type(self.schedule).__name__,
         )
 
+    def attach(self, manager: Any) -> None:
+        """Tell ``manager`` that this rank holds some stages: exports read a view of the
+        unsplit model (:class:`PipelineExportView`), HF loads skip other stages' tensors."""
+        manager.wrapper.partial = True
+        manager.export_wrapper = PipelineExportView(manager.wrapper, self.group)
+
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Forward and backward of one batch; the mean microbatch loss on every pp rank."""
         losses: list[torch.Tensor] = []

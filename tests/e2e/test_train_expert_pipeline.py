@@ -45,6 +45,7 @@ SETS = {
     "qat": ["--converters.enabled", "qat"],
     "qat+lora": ["--converters.enabled", "qat,lora", "--converters.lora.export", "both"],
 }
+OWNED_ONLY = ["--converters.lora.trainable_only_checkpoints", "true"]
 EP = ["--parallelism.expert_parallel_degree", "2"]
 PP = ["--parallelism.pipeline_parallel_degree", "2"]
 
@@ -121,7 +122,9 @@ def _fork(src: str, dst: str, step: int) -> None:
     Path(f"{dst}/metrics.jsonl").write_text("".join(lines[:step]))
 
 
-def _chains(rank: int, world: int, root: str, model: str, layout: list[str]) -> float:
+def _chains(
+    rank: int, world: int, root: str, runs: dict[str, tuple[str, list[str]]], layout: list[str]
+) -> float:
     """Every converter set: ``u`` on layout A, then the A -> B -> A chain."""
     import time
 
@@ -129,7 +132,7 @@ def _chains(rank: int, world: int, root: str, model: str, layout: list[str]) -> 
 
     t0 = time.perf_counter()
     worst = _ep_gradients(rank, world) if layout == EP else 0.0
-    for name, conv in SETS.items():
+    for name, (model, conv) in runs.items():
         base = os.path.join(root, name)
         _train(_cfg(f"{base}/u", model, STEPS, layout + conv, True), rank, world)
         chain = f"{base}/chain"
@@ -167,11 +170,11 @@ def _same(a: dict[str, dict[str, torch.Tensor]], b: dict[str, dict[str, torch.Te
     )
 
 
-def _check(root: Path, model: str) -> None:
+def _check(root: Path, runs: dict[str, tuple[str, list[str]]]) -> None:
     from ckpt_core.trainer.launch import Dist
     from ckpt_core.trainer.loop import train
 
-    for name, conv in SETS.items():
+    for name, (model, conv) in runs.items():
         u, chain = _losses(root / name / "u"), _losses(root / name / "chain")
         assert sorted(chain) == list(range(1, STEPS + 1)), (name, sorted(chain))
         for step in range(3, STEPS + 1):
@@ -203,6 +206,15 @@ def _check(root: Path, model: str) -> None:
                 assert torch.equal(value, single[file][key]), (name, file, key)
 
 
+def _hf_base(folder: Path, model: str) -> str:
+    """An HF folder of ``model``'s fresh weights (one step on one rank, exported)."""
+    from ckpt_core.trainer.launch import Dist
+    from ckpt_core.trainer.loop import train
+
+    train(_cfg(str(folder), model, 1, [], True), Dist(0, 1, 0, torch.device("cpu")))
+    return str(folder / "export" / "step-1")
+
+
 def _four_layer_llama(folder: Path) -> str:
     from ckpt_core.reference.flavors import FLAVORS
     from ckpt_core.reference.hf_config import to_hf_config
@@ -216,12 +228,19 @@ def _four_layer_llama(folder: Path) -> str:
 
 
 def test_expert_parallel_resumes_without_ep_and_back_and_exports_match(tmp_path: Path) -> None:
-    worst = run_on_ranks(_chains, 4, str(tmp_path), "moe:tiny", EP, timeout=500)
+    runs = {name: ("moe:tiny", conv) for name, conv in SETS.items()}
+    worst = run_on_ranks(_chains, 4, str(tmp_path), runs, EP, timeout=500)
     assert max(worst) < 1e-6, worst  # EP gradients equal the plain model's
-    _check(tmp_path, "moe:tiny")
+    _check(tmp_path, runs)
 
 
 def test_pipeline_resumes_on_one_stage_and_back_and_exports_match(tmp_path: Path) -> None:
     model = _four_layer_llama(tmp_path / "model")
-    run_on_ranks(_chains, 4, str(tmp_path), model, PP, timeout=500)
-    _check(tmp_path, model)
+    runs = {name: (model, conv) for name, conv in SETS.items()}
+    # LoRA with owned-only checkpoints: the base comes from an HF folder on every load
+    # (each stage reads its own tensors), the checkpoints hold the adapters only.
+    runs["lora"] = (_hf_base(tmp_path / "base", model), [*SETS["lora"], *OWNED_ONLY])
+    run_on_ranks(_chains, 4, str(tmp_path), runs, PP, timeout=500)
+    _check(tmp_path, runs)
+    saved = json.loads((tmp_path / "lora/u/checkpoints/step-2/manifest.json").read_text())
+    assert "base" in saved, sorted(saved)  # an owned-only checkpoint
