@@ -198,6 +198,8 @@ def _print(info: dict[str, Any], limit: int) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from ckpt_core.policy.parallel_layout import layout_lines
+
     console = Console()
     if "steps" in info:
         table = Table(title=f"steps in {info['path']}")
@@ -212,9 +214,10 @@ def _print(info: dict[str, Any], limit: int) -> None:
     if man:
         model = man.get("model") or {}
         console.print(
-            f"  kind {man.get('kind')}, step {man.get('step')}, world size "
-            f"{man.get('world_size')}, mesh {man.get('mesh')}"
+            f"  kind {man.get('kind')}, step {man.get('step')}, world size {man.get('world_size')}"
         )
+        for line in layout_lines(man.get("mesh")):  # mesh, placements, pipeline split
+            console.print(f"  {line}", markup=False)
         console.print(f"  converters {json.dumps(man.get('converters'))}")
         console.print(f"  model adapter {model.get('adapter')}, versions {man.get('versions')}")
         console.print(

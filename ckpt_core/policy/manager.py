@@ -47,6 +47,7 @@ from ckpt_core.content.states import (
 from ckpt_core.content.train_state import TrainState
 from ckpt_core.errors import CheckpointError, ConfigError, SaveError
 from ckpt_core.policy import preflight, save_errors
+from ckpt_core.policy.parallel_layout import describe_layout, pipeline_split
 from ckpt_core.policy.preemption import PreemptionHandler, parse_signals, pause_before_commit
 from ckpt_core.protocol.plugin_host import ConverterSet
 from ckpt_core.protocol.state_dict_adapter import StateDictAdapter
@@ -81,11 +82,11 @@ class CheckpointManager:
         self.enabled = config.enable
         self.converters = converters if converters is not None else ConverterSet([])
         self.wrapper = ModelWrapper(model_parts, converters=self.converters)
+        #: What exports read; a pipelined trainer sets a view of the unsplit model here.
+        self.export_wrapper: ModelWrapper = self.wrapper
         # A transformers model needs no adapter: its names are HF's
         # (ckpt_core.content.hf_native).
         self.sd_adapter = sd_adapter if sd_adapter is not None else adapter_for(model_parts)
-        #: What exports read; a pipelined trainer sets a view of the unsplit model here.
-        self.export_wrapper: ModelWrapper = self.wrapper
         self.train_state = TrainState()
         # Owned-only checkpoints (see ckpt_core.content.owned_only): only converter-owned
         # model keys.
@@ -119,6 +120,7 @@ class CheckpointManager:
         self.store = store_for(config.folder)  # all of a step's I/O (ckpt_core.storage.store)
         self._model_description = self._describe_model()  # for manifests
         self.process_group = dist.new_group(backend="gloo") if _dist_on() else None
+        self._pipeline_split: list[dict[str, Any]] | None = None  # manifest "mesh" (first save)
         self.train_state.process_group = self.process_group
         self.rank = dist.get_rank() if _dist_on() else 0
         self.world_size = dist.get_world_size() if _dist_on() else 1
@@ -335,7 +337,9 @@ class CheckpointManager:
         # Everything that reads the live model happens here, on the caller's thread:
         # the background thread sees only staged copies (FSDP2 state-dict hooks are not
         # safe to run while the trainer runs forward/backward).
-        mesh = _describe_mesh(state["model"])
+        if self._pipeline_split is None:  # collective, once: the parts never change
+            self._pipeline_split = pipeline_split(self.wrapper.model_parts, self.process_group)
+        mesh = describe_layout(state["model"], self._pipeline_split)
         if sync or self._async is None:
             self._write_and_commit(state, step, mesh)
             logger.info("Saved checkpoint %s", final)
@@ -531,18 +535,3 @@ class CheckpointManager:
             return False
         self._wait_for_previous()
         return load_into(self, step)
-
-
-def _describe_mesh(model_sd: Mapping[str, Any]) -> dict[str, Any] | None:
-    from torch.distributed.tensor import DTensor
-
-    for value in model_sd.values():
-        if isinstance(value, DTensor):
-            mesh = value.device_mesh
-            return {
-                "shape": list(mesh.shape),
-                "dim_names": list(mesh.mesh_dim_names or []),
-                "device_type": mesh.device_type,
-                "placements": [str(p) for p in value.placements],
-            }
-    return None

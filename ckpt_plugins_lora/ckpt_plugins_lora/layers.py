@@ -71,6 +71,17 @@ class LoRAFactor(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
 
+    def tp_shard_dim(self, style: str) -> int | None:
+        """Under tensor parallel, the dimension of ``weight`` split like the base linear's.
+
+        A column-wise linear splits its outputs: B (``zeros``) splits its rows and
+        A stays whole. A row-wise linear splits its inputs: A (``kaiming``) splits
+        its columns and B stays whole (``ckpt_core.trainer.parallel``).
+        """
+        if style == "colwise":
+            return 0 if self.init == "zeros" else None
+        return 1 if self.init == "kaiming" else None
+
     def _apply(self, fn: Any, recurse: bool = True) -> LoRAFactor:
         was_meta = self.weight.is_meta
         out = super()._apply(fn, recurse)

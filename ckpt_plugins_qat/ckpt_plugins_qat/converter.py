@@ -32,6 +32,7 @@ from ckpt_plugins_qat.config import QATConfig
 from ckpt_plugins_qat.experts import StackedFakeQuantizer, supports_experts
 from ckpt_plugins_qat.export import is_quantizer_state, quantize_state_dict
 from ckpt_plugins_qat.schemes import Scheme, get_scheme
+from ckpt_plugins_qat.tensor_parallel import keep_groups_whole
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +147,8 @@ class QATConverter(Converter):
             QATConfig(base, step="prepare"),
             filter_fn=lambda _module, fqn: fqn in selected,
         )
+        for name in sorted(selected):  # tensor parallel: groups crossing row-wise shards
+            keep_groups_whole(model.get_submodule(name))
         self.prepared.extend(canonical_fqn(n) for n in sorted(selected))
         self.converted = True
         logger.info(
