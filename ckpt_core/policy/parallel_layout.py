@@ -120,7 +120,17 @@ def describe_layout(
 
 
 def layout_lines(mesh: Any) -> list[str]:
-    """Human lines for ``ckpt inspect`` from a manifest's ``"mesh"`` (old or new form)."""
+    """Human lines for ``ckpt inspect`` from a manifest's ``"mesh"`` (old or new form).
+
+    A record of an unexpected shape (a damaged or foreign manifest) is shown as it is.
+    """
+    try:
+        return _layout_lines(mesh)
+    except (TypeError, AttributeError, ValueError):
+        return [f"mesh {mesh!r}"]
+
+
+def _layout_lines(mesh: Any) -> list[str]:
     if not isinstance(mesh, dict):
         return ["layout: one process, no mesh" if mesh is None else f"mesh {mesh!r}"]
     root = mesh.get("root") if isinstance(mesh.get("root"), dict) else mesh

@@ -76,3 +76,8 @@ def test_inspect_lines_for_old_and_new_manifests():
         "  layers.*.attention.wo.weight: tp: Shard(1)",
         "  ranks [0, 1]: layers 0 + norm",
     ]
+
+
+def test_a_malformed_layout_record_is_shown_as_it_is():
+    bad = {"root": {"shape": 3, "dim_names": 7}, "families": {"x": 5}, "pipeline": [1]}
+    assert layout_lines(bad) == [f"mesh {bad!r}"]
