@@ -213,8 +213,7 @@ def train(cfg: TrainConfig, dist_info: Dist) -> dict[str, Any]:
         for group in part_params
     ]
     schedulers = [
-        torch.optim.lr_scheduler.LambdaLR(o, warmup_schedule(tcfg.warmup_steps))
-        for o in optimizers
+        torch.optim.lr_scheduler.LambdaLR(o, warmup_schedule(tcfg.warmup_steps)) for o in optimizers
     ]
     loader = SyntheticTokens(
         vocab_size=hf_config["vocab_size"],
