@@ -214,7 +214,8 @@ def convert(
 
     if workers < 1:
         raise ConfigError(f"convert: --workers {workers} must be 1 or more.")
-    target = convert_dest.prepare(dst, overwrite=overwrite)
+    marker = ".metadata" if to == "torchtitan" else manifest.MANIFEST_NAME
+    target = convert_dest.prepare(dst, overwrite=overwrite, marker=marker)
     if "torchtitan" in (source_format, to):  # whole training states (ckpt_core.torchtitan)
         from ckpt_core.cli.convert_torchtitan import convert_cli
 
@@ -244,6 +245,7 @@ def convert(
     quantized = kind == "hf" and hf_load_format(config) == "hf_quantized"
     if dtype is None:  # keep the source's dtype (the model's containers are its own)
         dtype = source_float_dtype(folder, kind)
+    convert_dest.clear(dst, overwrite=overwrite)  # object store: the previous DST goes now
     with pins.reading(folder):  # a training run's retention keeps the step meanwhile
         try:
             _stream(
@@ -292,11 +294,11 @@ def _stream(folder, kind, family, config, convs, recorded, target, **opts) -> No
         finish,
         write_all,
     )
-    from ckpt_core.policy.exporter import _write_manifest, tmp_path_for
-    from ckpt_core.storage import layout
+    from ckpt_core.policy.exporter import _export_manifest
+    from ckpt_core.storage import layout, store
     from ckpt_core.storage.hf_writer import DEFAULT_MAX_SHARD_BYTES
 
-    tmp = tmp_path_for(target)
+    tmp = store.staging_for(target)  # beside it locally, in place on an object store
     request = Request(
         folder=folder,
         kind=kind,
@@ -313,15 +315,7 @@ def _stream(folder, kind, family, config, convs, recorded, target, **opts) -> No
     )
     conversion = Conversion(request, family=family)
     conversion.sources.check(conversion.full, opts["what"], folder)
-    if layout.exists(target):
-        from ckpt_core.errors import DestinationExistsError
-
-        raise DestinationExistsError(
-            f"{target} already exists; refusing to overwrite an export. Remove it or "
-            "choose another destination."
-        )
-    layout.remove_tree(tmp)  # leftovers of a crashed convert
-    layout.makedirs(tmp)
+    store.begin_folder(target, what="an export")  # removes what a cut-off convert left
     for adapter in conversion.converter.subfolder_parts().values():
         layout.makedirs(layout.join(tmp, adapter.subfolder.strip("/")))
     width = len("writing ") + max(len(folder), len(opts["dst"]))
@@ -330,8 +324,8 @@ def _stream(folder, kind, family, config, convs, recorded, target, **opts) -> No
         results = write_all(conversion, request, opts["workers"], reporter)
     known = finish(conversion, results)
     step = (recorded or {}).get("step")
-    _write_manifest(tmp, known, step, 1, conversion.converters, conversion.adapter)
-    layout.commit(tmp, target)
+    data = _export_manifest(tmp, known, step, 1, conversion.converters, conversion.adapter)
+    store.commit_folder(tmp, target, data)  # manifest last: the convert is complete
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}

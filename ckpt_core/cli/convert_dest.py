@@ -9,6 +9,12 @@
   renames, so the previous DST is whole until the new one is complete.
 * :func:`discard`: after a failed write (disk full, read-only mount), removes
   what this convert wrote and nothing else.
+
+On an object store (any fsspec URI) there is no rename: DST is written in place and
+is complete once its marker (``manifest.json``, or ``.metadata`` for a torchtitan
+step), written last, is there (:func:`ckpt_core.storage.store.begin_folder`). Objects
+without the marker are a convert cut short: not an existing DST, removed by the next
+convert. ``--overwrite`` deletes the previous DST (marker first) just before writing.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ import logging
 import os
 
 from ckpt_core.errors import CheckpointError
-from ckpt_core.storage import layout
+from ckpt_core.storage import layout, store
+from ckpt_core.storage.manifest import MANIFEST_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +36,13 @@ def _sibling(dst: str, suffix: str) -> str:
     return dst.rstrip("/") + suffix
 
 
-def prepare(dst: str, *, overwrite: bool) -> str:
+def prepare(dst: str, *, overwrite: bool, marker: str = MANIFEST_NAME) -> str:
     """The folder to write for DST (DST itself, or its ``.ckpt-convert-new`` sibling)."""
     fs, inner = layout.filesystem(dst)
+    if fs is not None:  # in place; committed once ``marker`` is there
+        if not overwrite and store.folder_committed(dst, marker):
+            raise CheckpointError(f"convert: {dst} already exists; pass --overwrite to replace it.")
+        return dst
     if fs is None and os.path.lexists(inner) and not os.path.isdir(inner):
         raise CheckpointError(
             f"convert: DST {dst} is a file, and convert writes a folder there; remove the "
@@ -54,14 +65,19 @@ def prepare(dst: str, *, overwrite: bool) -> str:
     return _sibling(dst, NEW_SUFFIX)
 
 
+def clear(dst: str, *, overwrite: bool, marker: str = MANIFEST_NAME) -> None:
+    """Object store with ``overwrite``: delete the previous DST (marker first) before the
+    write in place; nothing otherwise (locally :func:`replace` swaps it at the end)."""
+    if overwrite and layout.is_uri(dst):
+        store.uncommit_folder(dst, marker)
+
+
 def replace(target: str, dst: str) -> None:
     """Put the finished ``target`` in place of ``dst``; the previous DST goes only at the end."""
-    fs, inner_dst = layout.filesystem(dst)
-    _, inner_target = layout.filesystem(target)
-    if fs is not None:  # object stores have no rename of a folder: remove, then move
-        layout.remove_tree(dst)
-        fs.mv(inner_target, inner_dst, recursive=True)
+    if target == dst:  # written in place (object store)
         return
+    _, inner_dst = layout.filesystem(dst)
+    _, inner_target = layout.filesystem(target)
     old = _sibling(inner_dst, OLD_SUFFIX)
     had_dst = os.path.lexists(inner_dst)
     if had_dst:
@@ -77,12 +93,21 @@ def replace(target: str, dst: str) -> None:
         layout.remove_tree(old)
 
 
-def discard(target: str, *, overwrite: bool) -> None:
+def discard(target: str, *, overwrite: bool, marker: str = MANIFEST_NAME) -> None:
     """Remove what a failed write to ``target`` left: its temporary folder, and with
-    ``overwrite`` the ``.ckpt-convert-new`` folder itself (checked absent before)."""
-    from ckpt_core.policy.exporter import tmp_path_for
-
-    for path in (tmp_path_for(target), target) if overwrite else (tmp_path_for(target),):
+    ``overwrite`` the ``.ckpt-convert-new`` folder itself (checked absent before); on an
+    object store the objects written in place, unless the marker committed them."""
+    if layout.is_uri(target):
+        try:
+            paths = () if store.folder_committed(target, marker) else (target,)
+        except OSError as exc:  # the store is unreachable: the next convert removes them
+            logger.warning("convert: could not remove %s after the failed write: %s", target, exc)
+            return
+    elif overwrite:
+        paths = (store.sibling_tmp(target), target)
+    else:
+        paths = (store.sibling_tmp(target),)
+    for path in paths:
         try:
             layout.remove_tree(path)
         except OSError as exc:  # the error that stopped the write is the one to report

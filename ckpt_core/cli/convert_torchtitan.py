@@ -40,6 +40,8 @@ def convert_cli(
                 f"convert --to torchtitan: {folder} is an HF folder; torchtitan reads those "
                 "itself (checkpoint.initial_load_in_hf). Pass a ckpt DCP step."
             )
+    marker = ".metadata" if to == "torchtitan" else manifest.MANIFEST_NAME
+    convert_dest.clear(dst, overwrite=overwrite, marker=marker)  # object store: before the write
     with pins.reading(folder):
         try:
             if source_format == "torchtitan":
@@ -54,7 +56,7 @@ def convert_cli(
                     refuse_unrecorded(folder, saved, reader=CONVERT)
                 to_torchtitan_step(folder, target, recorded=recorded, model=model)
         except BaseException:
-            convert_dest.discard(target, overwrite=overwrite)
+            convert_dest.discard(target, overwrite=overwrite, marker=marker)
             raise
     if overwrite:
         convert_dest.replace(target, dst)

@@ -304,12 +304,44 @@ def staging_for(final: str) -> str:
     return final if layout.is_uri(final) else sibling_tmp(final)
 
 
-def folder_committed(final: str) -> bool:
-    """Whether ``final`` is a committed folder: there (local) or holding its manifest
-    (object store; objects without one are a write cut short)."""
+def folder_committed(final: str, marker: str = manifest.MANIFEST_NAME) -> bool:
+    """Whether ``final`` is a committed folder: there (local) or holding ``marker``, the
+    object written last (object store; objects without it are a write cut short)."""
     if not layout.is_uri(final):
         return layout.exists(final)
-    return layout.exists(layout.join(final, manifest.MANIFEST_NAME))
+    return layout.exists(layout.join(final, marker))
+
+
+def begin_folder(final: str, *, what: str, marker: str = manifest.MANIFEST_NAME) -> str:
+    """Rank 0, before writing a folder committed as a unit: its staging place, emptied.
+
+    A committed ``final`` is refused (:class:`DestinationExistsError` naming ``what``);
+    what a write cut short left (a local temporary folder, or objects without ``marker``
+    in place on an object store) is removed first.
+    """
+    with _os_errors():
+        if folder_committed(final, marker):
+            raise DestinationExistsError(
+                f"{final} already exists; refusing to overwrite {what}. Remove it or "
+                "choose another destination."
+            )
+        staging = staging_for(final)
+        if layout.exists(staging):
+            logger.info("Removing %s: what an earlier write that never committed left", staging)
+            layout.remove_tree(staging)
+        layout.makedirs(staging)
+        return staging
+
+
+def uncommit_folder(final: str, marker: str = manifest.MANIFEST_NAME) -> None:
+    """Delete the object-store folder ``final``: ``marker`` first, so that a delete cut
+    short never leaves a folder that looks committed, then every other object."""
+    with _os_errors():
+        fs, inner = layout.filesystem(layout.join(final, marker))
+        if fs is not None and fs.exists(inner):
+            fs.rm(inner)
+        if layout.exists(final):
+            layout.remove_tree(final)
 
 
 def commit_folder(staging: str, final: str, data: Mapping[str, Any], sign_key: Any = None) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 
 from ckpt_core.content import model_layout
 from ckpt_core.errors import CheckpointError, ConfigError
-from ckpt_core.storage import layout
+from ckpt_core.storage import layout, store
 from ckpt_core.torchtitan import architecture
 from ckpt_core.torchtitan.translate import Heads, Translated, from_torchtitan, to_torchtitan
 
@@ -118,23 +118,13 @@ def from_torchtitan_step(
     if to == "hf":
         _export_hf(native, family, config, adapter, target, dtype=dtype, step=step)
         return
-    from ckpt_core.policy.exporter import tmp_path_for
-
-    tmp = tmp_path_for(target)
-    layout.remove_tree(tmp)
-    layout.makedirs(tmp)
+    tmp = store.begin_folder(target, what="a checkpoint")  # in place on an object store
     known = write_entries(tmp, entries)
     described = model_layout.record({"adapter": family.name, "config": config}, adapter)
-    manifest.write(
-        tmp,
-        manifest.build(
-            kind="checkpoint",
-            step=step,
-            files=manifest.file_entries(tmp, known),
-            model=described,
-        ),
+    data = manifest.build(
+        kind="checkpoint", step=step, files=manifest.file_entries(tmp, known), model=described
     )
-    layout.commit(tmp, target)
+    store.commit_folder(tmp, target, data)  # manifest last
     states = sorted({k.split(".", 1)[0] for k in entries})
     logger.info("convert: torchtitan step %s -> ckpt step %s (states %s)", folder, target, states)
 
@@ -186,13 +176,12 @@ def to_torchtitan_step(
     entries = read_entries(folder)
     result = to_torchtitan(entries, Heads.from_hf_config(config), source=folder)
     _log_dropped(result, "convert --to torchtitan")
-    from ckpt_core.policy.exporter import tmp_path_for
-
-    tmp = tmp_path_for(target)
-    layout.remove_tree(tmp)
-    layout.makedirs(tmp)
+    # torchtitan's step has no manifest: in place on an object store, DCP's .metadata,
+    # written after every data file, is what makes it complete.
+    tmp = store.begin_folder(target, what="a torchtitan step", marker=".metadata")
     write_entries(tmp, result.entries)
-    layout.commit(tmp, target)
+    if tmp != target:
+        layout.commit(tmp, target)
     logger.info(
         "convert: ckpt step %s -> torchtitan step %s; torchtitan resumes it with "
         "checkpoint.exclude_from_loading = ['dataloader']",
