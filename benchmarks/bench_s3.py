@@ -99,15 +99,29 @@ class PeakRss:
 
 
 class Server:
-    """moto's S3 server in a child process; its request log counts the requests."""
+    """An S3 server in a child process; its request log counts the requests.
 
-    def __init__(self, root: str) -> None:
+    ``s3rver`` (optional): the path of the ``s3rver`` executable of the Node.js
+    package of that name (``npm install s3rver``), a second loopback server that
+    keeps objects in files; the default is moto's Python server.
+    """
+
+    def __init__(self, root: str, s3rver: str | None = None) -> None:
         self.port = _free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.log = Path(root) / "server.log"
-        cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+        if s3rver is None:
+            cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+            self._line = " HTTP/1.1"
+        else:
+            os.makedirs(f"{root}/s3rver-data")
+            cmd = [s3rver, "-d", f"{root}/s3rver-data", "-a", "127.0.0.1", "-p", str(self.port)]
+            cmd.append("--allow-mismatched-signatures")
+            self._line = "ms "  # "info: /bucket/key 200 3ms 149b"
         self._out = open(self.log, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT)
+        # s3rver 3 hashes listings with a digest Node >= 17 keeps in OpenSSL's legacy provider.
+        env = {**os.environ, "NODE_OPTIONS": "--openssl-legacy-provider"}
+        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -115,12 +129,12 @@ class Server:
                 break
             except OSError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"no moto server: {self.log.read_text()}") from None
+                    raise RuntimeError(f"no S3 server: {self.log.read_text()}") from None
                 time.sleep(0.2)
 
     def requests(self) -> int:
         """Requests answered so far (one log line each)."""
-        return sum(1 for line in self.log.read_text().splitlines() if " HTTP/1.1" in line)
+        return sum(1 for line in self.log.read_text().splitlines() if self._line in line)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -162,16 +176,21 @@ def main() -> None:
     parser.add_argument("--size-gib", type=float, default=1.0)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--dir", default=None, help="scratch folder (default: a temp dir)")
+    parser.add_argument(
+        "--s3rver",
+        default=None,
+        help="path of an s3rver executable (npm install s3rver) to use instead of moto",
+    )
     args = parser.parse_args()
 
     if args.dir is not None:
         os.makedirs(args.dir, exist_ok=True)
     root = tempfile.mkdtemp(prefix="ckpt-bench-s3-", dir=args.dir)
-    server = Server(root)
+    server = Server(root, args.s3rver)
     os.environ.update(
         AWS_ENDPOINT_URL=server.endpoint,
-        AWS_ACCESS_KEY_ID="bench",
-        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_ACCESS_KEY_ID="S3RVER",  # s3rver's built-in key pair; moto takes any
+        AWS_SECRET_ACCESS_KEY="S3RVER",
         AWS_DEFAULT_REGION="us-east-1",
     )
     import boto3
@@ -301,7 +320,8 @@ def main() -> None:
     conc = int(os.environ.get("CKPT_S3_CONCURRENCY", "4"))
     print(
         f"\n{gb:.2f} GB fp32 in {len(list(model.parameters()))} tensors, medians of "
-        f"{args.reps}, torch threads {torch.get_num_threads()}, parts {part} MiB x {conc} "
+        f"{args.reps}, server {'s3rver' if args.s3rver else 'moto'}, "
+        f"torch threads {torch.get_num_threads()}, parts {part} MiB x {conc} "
         "in flight"
     )
     print("| variant | median s | GB/s |")
