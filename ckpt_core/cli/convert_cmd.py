@@ -404,8 +404,8 @@ def _check_size(family, config, folder: str, kind: str, source: str, recorded) -
     check_sizes(config, source=source, required=False)
     if family.check_config is not None:
         family.check_config(config, source=source)
-    if layout.is_uri(folder) or (kind == "dcp" and (recorded or {}).get("base")):
-        return  # remote, or the weights live in the recorded base: nothing local to compare
+    if (layout.is_uri(folder) and kind != "hf") or (kind == "dcp" and (recorded or {}).get("base")):
+        return  # remote DCP, or the weights live in the recorded base: nothing to compare
     meta = family.build_model(config, device="meta")
     params = sum(p.numel() for p in meta.parameters())
     if kind == "hf":

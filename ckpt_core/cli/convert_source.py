@@ -105,14 +105,12 @@ def source_float_dtype(folder: str, kind: str) -> str | None:
             if key.startswith("model.") and props is not None and is_castable(props.dtype):
                 dtypes.add(props.dtype)
     else:
-        from safetensors import safe_open
-
-        from ckpt_core.storage.hf_reader import index_folder
+        from ckpt_core.storage.hf_reader import index_folder, open_safetensors
         from ckpt_core.storage.hf_writer import SAFETENSORS_DTYPES
 
         by_name = {v: k for k, v in SAFETENSORS_DTYPES.items()}
         for file in sorted(set(index_folder(folder).values())):
-            with safe_open(file, framework="pt") as f:
+            with open_safetensors(file) as f:
                 for name in f.keys():
                     dtype = by_name.get(f.get_slice(name).get_dtype())
                     if dtype is not None and is_castable(dtype):

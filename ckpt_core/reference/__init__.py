@@ -50,8 +50,7 @@ def args_from(
 
     source = layout.join(name_or_path, "config.json")
     args = parse(read_hf_config(name_or_path), source=source)
-    if not layout.is_uri(name_or_path):  # the folder's weights must be able to hold the model
-        hf_reader.check_fits(args.num_params(), name_or_path, what=source)
+    hf_reader.check_fits(args.num_params(), name_or_path, what=source)  # weights hold it?
     return args
 
 

@@ -22,7 +22,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -42,16 +42,6 @@ FP8_BLOCK = 128
 MAX_JSON_BYTES = 64 << 20
 #: Stored dtypes a floating parameter is filled from (float8 only through its scales).
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
-
-
-def _local_path(path: str) -> str:
-    fs, inner = layout.filesystem(path)
-    if fs is not None:
-        raise CheckpointError(
-            f"Reading Hugging Face safetensors from {path!r} needs a local folder; copy it "
-            "locally first (fsspec URIs are supported for writing only)."
-        )
-    return inner
 
 
 def resolve_file(folder: str, name: object, *, what: str) -> str:
@@ -152,7 +142,18 @@ def read_json_object(folder: str, name: str) -> dict[str, Any]:
 
 def _read_index(folder: str, index_file: str) -> dict[str, str]:
     """HF tensor name → checked file path, from ``model.safetensors.index.json``."""
-    data = read_json(index_file)
+    return weight_map_files(
+        read_json(index_file),
+        index_file,
+        lambda file, what: resolve_file(folder, file, what=what),
+    )
+
+
+def weight_map_files(
+    data: Any, index_file: str, resolve: Callable[[object, str], str]
+) -> dict[str, str]:
+    """HF tensor name → file, from the parsed index ``data``; each file name checked
+    once by ``resolve(name, what)`` (local: :func:`resolve_file`)."""
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict):
         got = "no index object" if not isinstance(data, dict) else type(weight_map).__name__
@@ -167,8 +168,7 @@ def _read_index(folder: str, index_file: str) -> dict[str, str]:
             "is damaged."
         )
     files = {
-        file: resolve_file(folder, file, what=f"{index_file} weight_map")
-        for file in sorted(set(weight_map.values()))
+        file: resolve(file, f"{index_file} weight_map") for file in sorted(set(weight_map.values()))
     }
     return {name: files[file] for name, file in weight_map.items()}
 
@@ -179,8 +179,13 @@ def index_folder(path: str) -> dict[str, str]:
     Uses ``model.safetensors.index.json`` when present, else the files' headers.
     Every file must be a regular file inside the folder (:func:`resolve_file`)
     and a readable safetensors file; else one-line :class:`DamagedCheckpointError`.
+    On an object store the same rules hold (:func:`ckpt_core.storage.hf_remote.index_remote`).
     """
-    folder = _local_path(path)
+    fs, folder = layout.filesystem(path)
+    if fs is not None:
+        from ckpt_core.storage.hf_remote import index_remote
+
+        return index_remote(path)
     if not os.path.isdir(folder):
         raise CheckpointError(f"{path} is not a folder; expected Hugging Face safetensors.")
     if os.path.lexists(os.path.join(folder, INDEX_NAME)):
@@ -197,6 +202,14 @@ def index_folder(path: str) -> dict[str, str]:
     return out
 
 
+def unreadable(file: str, reason: str) -> DamagedCheckpointError:
+    """The one-line refusal of safetensors file ``file`` (local or object) for ``reason``."""
+    return DamagedCheckpointError(
+        f"{file} is not a readable safetensors file ({reason}); it is truncated or "
+        "damaged: re-download or re-export it."
+    )
+
+
 @contextlib.contextmanager
 def open_safetensors(file: str) -> Iterator[Any]:
     """``safe_open(file)``; the library's refusals (and any in the block) become one line.
@@ -204,22 +217,29 @@ def open_safetensors(file: str) -> Iterator[Any]:
     safetensors checks the header itself (its length against the file, the JSON,
     every dtype, shape and offset against the data) and raises
     ``SafetensorError``; here it is a :class:`DamagedCheckpointError` naming the file.
+    A URI is read by ranged requests under the same checks
+    (:func:`ckpt_core.storage.hf_remote.open_remote`).
     """
+    if layout.is_uri(file):
+        from ckpt_core.storage.hf_remote import open_remote
+
+        yield open_remote(file)
+        return
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(file, framework="pt") as handle:
             yield handle
     except SafetensorError as exc:
-        reason = " ".join(str(exc).split())
-        raise DamagedCheckpointError(
-            f"{file} is not a readable safetensors file ({reason}); it is truncated or "
-            "damaged: re-download or re-export it."
-        ) from None
+        raise unreadable(file, " ".join(str(exc).split())) from None
 
 
 def data_bytes(path: str) -> int:
     """Bytes of the safetensors files an HF folder's tensors live in (its real data)."""
+    if layout.is_uri(path):
+        from ckpt_core.storage.hf_remote import object_bytes
+
+        return sum(object_bytes(file) for file in set(index_folder(path).values()))
     return sum(os.stat(file).st_size for file in set(index_folder(path).values()))
 
 

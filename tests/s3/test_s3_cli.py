@@ -66,12 +66,6 @@ def test_convert_moves_a_model_between_local_folders_and_s3_bit_exactly(
             assert torch.equal(back[key], value), key
     capsys.readouterr()
 
-    # Reading safetensors from S3 stays refused, in one line naming the URI (exit 2).
-    assert _convert(hf_on_s3, tmp_path / "again", "--to", "dcp") == 2
-    (err,) = _errors(capsys.readouterr())
-    assert hf_on_s3 in err and "locally" in err
-    assert not os.path.exists(tmp_path / "again")
-
 
 def test_inspect_and_verify_read_s3_and_verify_catches_a_changed_object(
     s3_bucket, tmp_path, capsys
