@@ -27,6 +27,8 @@ import logging
 import os
 from typing import Any
 
+from ckpt_core.cli import storage_args
+
 HELP = "convert a checkpoint or export between DCP and Hugging Face formats"
 
 logger = logging.getLogger(__name__)
@@ -81,6 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="processes writing the output files at once (the files are the same for any N)",
     )
+    storage_args.add_argument(parser)
 
 
 def _converters(
@@ -436,6 +439,7 @@ def _regular_file_bytes(folder: str) -> int:
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     """Run ``ckpt convert``."""
+    storage_args.apply(args, args.src, args.dst)
     folder = convert(
         args.src,
         args.dst,

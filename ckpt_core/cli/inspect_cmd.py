@@ -14,6 +14,8 @@ import logging
 import sys
 from typing import Any
 
+from ckpt_core.cli import storage_args
+
 HELP = "show a checkpoint's steps, states, tensors (shape, dtype, bytes) and manifest"
 
 
@@ -22,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step", type=int, default=None, help="which step of a folder to show")
     parser.add_argument("--limit", type=int, default=50, help="tensors to list (0: all)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
+    storage_args.add_argument(parser)
 
 
 def _human(n: int) -> str:
@@ -256,6 +259,7 @@ def _algo(man: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
+    storage_args.apply(args, args.path)
     info = inspect_path(args.path, args.step)
     if args.json:
         print(json.dumps(info, indent=1, default=str))

@@ -14,7 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from ckpt_core.cli import failures
+from ckpt_core.cli import failures, storage_args
 
 SUBCOMMANDS = {
     "plugins": "ckpt_core.cli.plugins_cmd",
@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SystemExit, GeneratorExit):
         raise
     except BaseException as exc:  # DCP wraps failures in a BaseException: one line each too
-        uris = [a.split("=", 1)[-1] for a in argv if "://" in a]  # named by a store's refusal
+        uris = storage_args.named_uris(argv)  # named by a store's refusal (no option values)
         code = failures.report(
             args.command, exc, debug=failures.debug_enabled(args.debug), uris=uris
         )

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ckpt_core.cli import storage_args
+
 HELP = "check checkpoint files against their manifest (missing, truncated, checksum)"
 
 #: Show a progress bar when a step holds more bytes than this.
@@ -32,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="progress bar: auto shows it for steps over 256 MiB",
     )
+    storage_args.add_argument(parser)
 
 
 def step_folders(path: str, step: int | None) -> list[str]:
@@ -93,6 +96,7 @@ def verify_folder(folder: str, progress_mode: str = "auto") -> list:
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     from ckpt_core.storage import signing
 
+    storage_args.apply(args, args.path)
     key = signing.load_public_key(args.key) if args.key else None
     bad = 0
     for folder in step_folders(args.path, args.step):

@@ -59,15 +59,26 @@ def _frames(stream: Any) -> Iterator[list]:
 
 
 def encode_request(request: Request, pieces: list[Piece]) -> bytes:
-    """What a spawned worker reads on stdin: the request and its share, as JSON."""
+    """What a spawned worker reads on stdin: the request, its share and the fsspec
+    options of the parent's URIs (``--storage-option``), as JSON."""
+    from ckpt_core.storage import layout
+
     return json.dumps(
-        {"request": dataclasses.asdict(request), "pieces": [_piece(p) for p in pieces]}
+        {
+            "request": dataclasses.asdict(request),
+            "pieces": [_piece(p) for p in pieces],
+            "storage_options": layout.storage_option_table(),
+        }
     ).encode()
 
 
 def decode_request(data: bytes) -> tuple[Request, list[Piece]]:
-    """The inverse of :func:`encode_request`."""
+    """The inverse of :func:`encode_request` (the storage options are set for this process)."""
+    from ckpt_core.storage import layout
+
     value = json.loads(data)
+    for prefix, options in (value.get("storage_options") or {}).items():
+        layout.set_storage_options(prefix, options)
     fields = dict(value["request"])
     if fields.get("base") is not None:
         fields["base"] = tuple(fields["base"])

@@ -61,6 +61,11 @@ def set_storage_options(prefix: str, options: dict[str, Any] | None) -> None:
         _OPTIONS.pop(key, None)
 
 
+def storage_option_table() -> dict[str, dict[str, Any]]:
+    """Every URI prefix with its options (to hand to a spawned worker; never to print)."""
+    return {prefix: dict(options) for prefix, options in _OPTIONS.items()}
+
+
 def storage_options(path: str) -> dict[str, Any]:
     """The fsspec options for ``path``: those set for its longest prefix, else none."""
     best = ""
