@@ -146,3 +146,32 @@ def test_an_index_on_s3_naming_a_file_outside_the_folder_is_refused(s3_bucket, t
     _upload(tmp_path / "hf", f"{s3_bucket}/models/other")
     with pytest.raises(DamagedCheckpointError, match=r"'\.\./other/model\.safetensors'"):
         index_folder(uri)
+
+
+def test_an_additional_load_reads_a_converter_subfolder_of_an_export_on_s3(s3_bucket):
+    from ckpt_core import ConverterSet, ModelWrapper
+    from ckpt_core.policy.exporter import load_additional, write_export
+    from ckpt_core.reference import ModelArgs
+    from tests.core._export_converters import SidecarConverter
+
+    def model(seed):
+        torch.manual_seed(seed)
+        args = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=96, ffn_hidden_dim=128)
+        built, convs = build_model(args), ConverterSet([SidecarConverter()])
+        convs.convert(built)
+        return built, convs, LlamaStateDictAdapter(args)
+
+    trained, convs, adapter = model(0)
+    export = f"{s3_bucket}/exports/step-3"
+    write_export(ModelWrapper(trained, convs), export, fmt="hf", dtype=None, sd_adapter=adapter,
+                 converters=convs, step=3)  # fmt: skip
+    fresh, fresh_convs, fresh_adapter = model(1)
+    missing = load_additional(
+        ModelWrapper(fresh, fresh_convs), export, converter="sidecar",
+        sd_adapter=fresh_adapter, converters=fresh_convs,
+    )  # fmt: skip
+    assert missing == []
+    for i in ("0", "1"):
+        want = trained.layers[i].attention.wq.sidecar.weight
+        assert torch.equal(fresh.layers[i].attention.wq.sidecar.weight, want)
+    assert not torch.equal(fresh.tok_embeddings.weight, trained.tok_embeddings.weight)
