@@ -109,33 +109,48 @@ def describe_dcp(folder: str) -> dict[str, Any]:
     return {"format": "dcp", "states": states, "tensors": tensors}
 
 
-def describe_safetensors(folder: str) -> dict[str, Any]:
-    """Tensors of every ``*.safetensors`` file under a local folder (headers only)."""
+def _safetensors_files(folder: str) -> list[tuple[str, str]]:
+    """``(name relative to folder, path to open)`` of every ``*.safetensors`` under ``folder``
+    (a local folder, checked by :func:`resolve_file`, or a URI: the objects listed)."""
     import os
 
-    from ckpt_core.storage.hf_reader import open_safetensors, resolve_file
+    from ckpt_core.storage import layout
+    from ckpt_core.storage.hf_reader import resolve_file
+
+    if layout.is_uri(folder):
+        fs, inner = layout.filesystem(folder)
+        base = inner.rstrip("/") + "/"
+        rels = sorted(p[len(base) :] for p in fs.find(inner) if p.startswith(base))
+        return [(r, layout.join(folder, r)) for r in rels if r.endswith(".safetensors")]
+    out = []
+    for root, _dirs, files in os.walk(folder):
+        for name in sorted(files):
+            if name.endswith(".safetensors"):
+                rel = os.path.relpath(os.path.join(root, name), folder)
+                out.append((rel, resolve_file(folder, rel, what=f"{folder} file")))  # no FIFO
+    return out
+
+
+def describe_safetensors(folder: str) -> dict[str, Any]:
+    """Tensors of every ``*.safetensors`` file under a folder or URI (headers only)."""
+    from ckpt_core.storage.hf_reader import open_safetensors
     from ckpt_core.storage.hf_writer import SAFETENSORS_DTYPES
 
     itemsize = {name: dtype.itemsize for dtype, name in SAFETENSORS_DTYPES.items()}
     tensors = []
-    for root, _dirs, files in os.walk(folder):
-        for name in sorted(files):
-            if not name.endswith(".safetensors"):
-                continue
-            rel = os.path.relpath(os.path.join(root, name), folder)
-            path = resolve_file(folder, rel, what=f"{folder} file")  # no FIFO, nothing outside
-            with open_safetensors(path) as f:
-                for key in f.keys():
-                    sl = f.get_slice(key)
-                    shape = list(sl.get_shape())
-                    dtype = sl.get_dtype()
-                    numel = 1
-                    for d in shape:
-                        numel *= d
-                    nbytes = numel * itemsize[dtype] if dtype in itemsize else None
-                    tensors.append(
-                        {"key": f"{rel}:{key}", "shape": shape, "dtype": dtype, "bytes": nbytes}
-                    )
+    for rel, path in _safetensors_files(folder):
+        with open_safetensors(path) as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                shape = list(sl.get_shape())
+                dtype = sl.get_dtype()
+                numel = 1
+                for d in shape:
+                    numel *= d
+                nbytes = numel * itemsize[dtype] if dtype in itemsize else None
+                tensors.append(
+                    {"key": f"{rel}:{key}", "shape": shape, "dtype": dtype, "bytes": nbytes}
+                )
     return {"format": "safetensors", "states": {}, "tensors": tensors}
 
 
@@ -170,10 +185,9 @@ def inspect_path(path: str, step: int | None = None) -> dict[str, Any]:
             if "steps" not in out:
                 raise
             out["error"] = str(exc)  # still show the other steps (their status tells)
-    elif not layout.is_uri(target) and any(
-        n.endswith(".safetensors") for n in layout.listdir(target)
-    ):
-        out.update(describe_safetensors(layout.filesystem(target)[1]))
+    elif any(n.endswith(".safetensors") for n in layout.listdir(target)):
+        local = not layout.is_uri(target)
+        out.update(describe_safetensors(layout.filesystem(target)[1] if local else target))
     elif "steps" not in out or out["steps"]:
         raise CheckpointError(f"{target} holds no DCP .metadata and no safetensors files.")
     return out

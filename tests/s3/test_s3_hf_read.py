@@ -65,6 +65,7 @@ def test_initial_load_and_convert_from_an_hf_folder_on_s3_equal_the_local_ones(
     model.save_pretrained(str(tmp_path / "hf"), max_shard_size="60KB")
     assert os.path.exists(tmp_path / "hf" / INDEX_NAME)
     uri = _upload(tmp_path / "hf", f"{s3_bucket}/models/tiny")
+    local_names = index_folder(str(tmp_path / "hf"))
 
     local = _initial_load(str(tmp_path / "hf"), tmp_path, "a")
     remote = _initial_load(uri, tmp_path, "b")
@@ -83,6 +84,12 @@ def test_initial_load_and_convert_from_an_hf_folder_on_s3_equal_the_local_ones(
             shape = mine.get_slice(name).get_shape()
             for index in [(), (slice(1, 3),), (slice(0, shape[0]), slice(2, 5))][: len(shape) + 1]:
                 assert torch.equal(theirs.get_slice(name)[index], mine.get_slice(name)[index])
+
+    # ckpt inspect lists the tensors of every file from its header alone.
+    capsys.readouterr()
+    assert main(["inspect", uri, "--json", "--limit", "0"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert {t["key"].split(":", 1)[1] for t in shown["tensors"]} == set(local_names)
 
     # ckpt convert: HF on S3 -> local DCP -> local HF equals the original tensors.
     dcp, back = str(tmp_path / "dcp"), str(tmp_path / "back")
