@@ -212,13 +212,6 @@ def _dcp_save(folder: str, state_dict: dict[str, Any]) -> dict[str, tuple[int, s
     return written_checksums(writer)
 
 
-def _write_manifest(folder: str, *args: Any) -> None:
-    """Write into ``folder`` the manifest :func:`_export_manifest` builds from ``args``."""
-    from ckpt_core.storage import manifest
-
-    manifest.write(folder, _export_manifest(folder, *args))
-
-
 def _export_manifest(
     folder: str,
     known: dict[str, tuple[int, str]],
