@@ -182,3 +182,17 @@ def test_an_additional_load_reads_a_converter_subfolder_of_an_export_on_s3(s3_bu
         want = trained.layers[i].attention.wq.sidecar.weight
         assert torch.equal(fresh.layers[i].attention.wq.sidecar.weight, want)
     assert not torch.equal(fresh.tok_embeddings.weight, trained.tok_embeddings.weight)
+
+
+def test_ckpt_train_starts_from_an_hf_folder_on_s3(s3_bucket, tmp_path):
+    import subprocess
+    import sys
+
+    save_hf_llama(tmp_path / "hf")
+    uri = _upload(tmp_path / "hf", f"{s3_bucket}/models/tiny")
+    cmd = [sys.executable, "-m", "ckpt_core.cli.main", "train", "--model.name", uri]
+    cmd += ["--training.seq_len", "32", "--training.batch_size", "2", "--training.steps", "1"]
+    cmd += ["--job.folder", str(tmp_path / "run"), "--checkpoint.export.enable", "false"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"Initial load from {uri} (format hf" in proc.stderr
