@@ -30,7 +30,6 @@ from ckpt_core.errors import (
     CheckpointError,
     ConfigError,
     DamagedCheckpointError,
-    DestinationExistsError,
 )
 from ckpt_core.protocol.plugin_host import ConverterSet
 from ckpt_core.protocol.state_dict_adapter import StateDictAdapter
@@ -102,19 +101,11 @@ def write_export(
     rank, world = _dist()
     tmp = store.staging_for(final_path)  # beside it locally, in place on an object store
 
-    def prepare() -> None:
-        if store.folder_committed(final_path):
-            raise DestinationExistsError(
-                f"{final_path} already exists; refusing to overwrite an export. Remove it or "
-                "export to another folder."
-            )
-        layout.remove_tree(tmp)  # leftovers of a crashed export
-        layout.makedirs(tmp)
-
     # Rank 0 writes the files: whatever fails there (an existing destination, a folder that
     # cannot be made, a full disk) is raised on every rank, none waits or goes on alone.
+    # begin_folder refuses a committed export and clears what a crashed one left.
     group = _default_group()
-    on_rank_zero(prepare, rank, group)
+    on_rank_zero(lambda: store.begin_folder(final_path, what="an export"), rank, group)
     try:
         known = _write_files(
             wrapper, tmp, fmt, target, transforms, rank, progress, on_total, max_shard_bytes
